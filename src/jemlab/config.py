@@ -1,0 +1,478 @@
+"""Typed configuration: defaults → preset → ``--set key=value`` overrides → validation → saved as JSON.
+
+A preset only states what differs from the defaults (as in score_sde's configs). Unknown keys are errors that list
+the valid ones; every value is converted to its field's type and range-checked before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jemlab.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None  # explicit folder with the dataset's files (searched first)
+    val_size: int = 5000  # images held out of the official training set for validation
+    limit: int | None = None  # use only this many training images (quick runs, tests)
+    download: bool = True  # fetch from the official URLs if the files are nowhere on disk
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"  # backbone: cnn, course_cnn, mlp, wide_resnet
+    energy_head: str = "logsumexp"  # logsumexp (JEM) or separate (scalar head, SPEC S2)
+    # Backbone keyword arguments, set as `model.<arg>=value` (e.g. model.width=32); checked against the backbone.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = 20  # K, SGLD steps per training iteration
+    step_size: float = 1.0  # α, multiplier of ∇E ("cold" SGLD: not tied to the noise)
+    noise: float = 0.01  # σ, std of the Gaussian noise per step
+    grad_clamp: float | None = None  # clip ∇E element-wise to ±c (proximal SGLD; course: 0.03)
+    noise_first: bool = False  # add noise before the gradient step (course order)
+    persistent: bool = (
+        True  # draw chains from a replay buffer; False = fresh noise every iteration (SPEC S3)
+    )
+    buffer_size: int = 10000
+    buffer_mode: str = (
+        "fixed"  # fixed (JEM: write back into the drawn slots) or queue (course: push in front)
+    )
+    reinit_prob: float = 0.05  # chance that a drawn chain restarts from the initialiser
+    class_conditional: bool = False  # partition the buffer by class (needed for p(x|y) training)
+    init: str = "uniform"  # chain initialiser
+    batch_size: int | None = None  # negatives per iteration; None = the training batch size
+    precision: str = "fp32"  # fp32, or bf16 to evaluate the energy gradient under bfloat16 autocast
+
+
+@dataclass
+class ObjectiveConfig:
+    ce: float = 1.0  # weight of log p(y|x)
+    px: float = (
+        1.0  # weight of log p(x) (contrastive divergence); 0 gives a plain softmax classifier
+    )
+    pxy: float = 0.0  # weight of log p(x|y)
+    energy_l2: float = 0.0  # weight of (E_data² + E_model²).mean(); 0.1 stabilises (SPEC S2)
+    input_noise: float = (
+        0.03  # std of Gaussian noise added to training inputs (JEM: 0.03; 0.1 is more stable)
+    )
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam, adamw or sgd
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000  # linear warm-up from 0 (JEM: 1,000 iterations)
+    schedule: str = "constant"  # constant, step (× gamma every `step_epochs`), multistep (at `milestones`), cosine
+    gamma: float = 0.1
+    step_epochs: int = 1
+    milestones: tuple[int, ...] = ()
+    grad_clip: float | None = None  # clip the global gradient norm
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    minutes: float | None = None  # wall-clock budget; training stops cleanly and still saves
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    threads: int | None = None  # torch CPU threads; None = torch's default
+    channels_last: bool = False  # NHWC memory layout (faster convolutions on CPU with oneDNN)
+    log_every: int = 100  # iterations between log lines
+    sample_every: int = 1  # epochs between sample grids
+    checkpoint_every: int = 1  # epochs between checkpoints (plus one at the end)
+    checkpoint_minutes: float = 10.0  # also checkpoint after this many minutes without one
+    keep_checkpoints: int = 3
+    max_abs_energy: float = 1e5  # stop with a DivergenceError beyond this |energy|
+    tensorboard: bool = True  # write TensorBoard events when the tensorboard package is installed
+    progress: bool = True  # progress bar on a terminal
+
+
+@dataclass
+class Config:
+    preset: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# --- presets: only what differs from the defaults -------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tuned for Fashion-MNIST/MNIST on a 2-core CPU: a small Swish CNN, short persistent chains evaluated in
+    # bfloat16, NHWC layout, a higher learning rate than the paper (small network, short budget) with the
+    # course's energy regulariser for stability.
+    "default": {
+        "model.name": "cnn",
+        "model.options": {"width": 16, "features": 256, "act": "swish"},
+        "sampler.steps": 20,
+        "sampler.precision": "bf16",
+        "objective.energy_l2": 0.1,
+        "objective.input_noise": 0.03,
+        "optim.lr": 1e-3,
+        "optim.warmup_steps": 200,
+        "train.channels_last": True,
+    },
+    # The same network as a plain softmax classifier: the JEM paper's baseline (no p(x) term, no sampling).
+    "softmax": {
+        "model.name": "cnn",
+        "model.options": {"width": 16, "features": 256, "act": "swish"},
+        "objective.px": 0.0,
+        "optim.lr": 1e-3,
+        "optim.warmup_steps": 200,
+        "train.channels_last": True,
+    },
+    # SPEC S2, the course exercise: two-headed CNN, 60 clipped SGLD steps of size 10, queue buffer of 8,192.
+    "course": {
+        "model.name": "course_cnn",
+        "model.energy_head": "separate",
+        "model.options": {},
+        "sampler.steps": 60,
+        "sampler.step_size": 10.0,
+        "sampler.noise": 0.005,
+        "sampler.grad_clamp": 0.03,
+        "sampler.noise_first": True,
+        "sampler.buffer_size": 8192,
+        "sampler.buffer_mode": "queue",
+        "objective.energy_l2": 0.1,
+        "objective.input_noise": 0.005,
+        "optim.lr": 1e-4,
+        "optim.betas": (0.0, 0.999),
+        "optim.warmup_steps": 0,
+        "optim.schedule": "step",
+        "optim.gamma": 0.97,
+        "optim.step_epochs": 1,
+        "train.epochs": 10,
+    },
+    # SPEC S3: MLP with LogSumExp energy, short-run chains from fresh noise (no buffer).
+    "mlp": {
+        "model.name": "mlp",
+        "model.options": {},
+        "sampler.persistent": False,
+        "sampler.steps": 50,
+        "sampler.step_size": 0.1,
+        "sampler.noise": 0.01,
+        "optim.lr": 1e-3,
+        "optim.warmup_steps": 0,
+        "objective.input_noise": 0.0,
+        "train.epochs": 15,
+    },
+    # SPEC S1, the JEM paper's CIFAR-10 recipe (Grathwohl et al., 2020, App. H; wgrathwohl/JEM defaults):
+    # WRN-28-10 without normalisation, LeakyReLU(0.2), K = 20, α = 1, σ = 0.01, buffer 10,000 with 5% re-init,
+    # Adam 1e-4 with 1,000 warm-up iterations, batch 64, input noise 0.03, lr × 0.3 at epochs 160 and 180.
+    "jem": {
+        "data.dataset": "cifar10",
+        "model.name": "wide_resnet",
+        "model.options": {"depth": 28, "widen": 10, "norm": None, "act": "leaky_relu"},
+        "optim.schedule": "multistep",
+        "optim.milestones": (160, 180),
+        "optim.gamma": 0.3,
+        "train.epochs": 200,
+        "train.log_every": 100,
+    },
+}
+
+
+# --- overrides and parsing -------------------------------------------------------------------------------------
+
+_SECTIONS = ("data", "model", "sampler", "objective", "optim", "train")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a string (from the command line) or JSON value to the annotated type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            number = annotation(value) if annotation is float else _to_int(value)
+        except (TypeError, ValueError):
+            kind = "an integer" if annotation is int else "a number"
+            raise ConfigError(f"{key} must be {kind}, got {value!r}") from None
+        return number
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if origin is tuple:
+        items = value
+        if isinstance(value, str):
+            items = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key} must be a comma-separated list, got {value!r}")
+        item_type = args[0] if args else str
+        converted = tuple(
+            _convert(v.strip() if isinstance(v, str) else v, item_type, key) for v in items
+        )
+        if len(args) == 2 and args[1] is not Ellipsis and len(converted) != 2:
+            raise ConfigError(f"{key} needs exactly 2 values, got {value!r}")
+        return converted
+    if origin is dict or annotation is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{key} must be a JSON object, got {value!r}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a JSON object, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if isinstance(value, str):
+        return int(float(value)) if "e" in value.lower() else int(value)
+    return int(value)
+
+
+def _parse_option(value: Any) -> Any:
+    """Backbone options have no declared type here: read command-line strings as JSON when possible."""
+    if not isinstance(value, str):
+        return value
+    if value.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def set_value(config: Config, key: str, value: Any) -> None:
+    """Set a dotted key such as ``sampler.steps`` (value converted and checked); unknown keys are errors."""
+    parts = key.split(".")
+    if key == "preset":
+        config.preset = str(value)
+        return
+    if parts[0] not in _SECTIONS or len(parts) < 2:
+        raise ConfigError(
+            f"unknown config key '{key}'; keys look like <section>.<name> with section one of: "
+            f"{', '.join(_SECTIONS)}"
+        )
+    section = getattr(config, parts[0])
+    name = parts[1]
+    if parts[0] == "model" and name not in ("name", "energy_head", "options"):
+        if len(parts) != 2:
+            raise ConfigError(f"unknown config key '{key}'")
+        section.options[name] = _parse_option(value)
+        return
+    if parts[0] == "model" and name == "options" and len(parts) == 3:
+        section.options[parts[2]] = _parse_option(value)
+        return
+    types = _field_types(type(section))
+    if name not in types or len(parts) != 2:
+        raise ConfigError(f"unknown config key '{key}'; {parts[0]} has: {', '.join(types)}")
+    setattr(section, name, _convert(value, types[name], key))
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, str]]:
+    """Split ``key=value`` strings from the command line."""
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(
+                f"--set expects key=value (e.g. --set sampler.steps=10), got '{pair}'"
+            )
+        key, value = pair.split("=", 1)
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def build_config(
+    preset: str = "default", overrides: list[tuple[str, Any]] | None = None, validate: bool = True
+) -> Config:
+    """Defaults, then the preset, then the overrides in order; validated unless asked not to."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    config = Config(preset=preset)
+    for key, value in PRESETS[preset].items():
+        if key == "model.options":
+            config.model.options = dict(value)
+        else:
+            set_value(config, key, value)
+    for key, value in overrides or []:
+        set_value(config, key, value)
+    if validate:
+        validate_config(config)
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from its JSON form (a run's config.json or a checkpoint); unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError("a config must be a JSON object")
+    config = Config(preset=str(data.get("preset", "default")))
+    for section, values in data.items():
+        if section == "preset":
+            continue
+        if section not in _SECTIONS or not isinstance(values, dict):
+            raise ConfigError(
+                f"unknown config section '{section}'; sections: {', '.join(_SECTIONS)}"
+            )
+        for name, value in values.items():
+            if section == "model" and name == "options":
+                config.model.options = dict(value)
+            else:
+                set_value(config, f"{section}.{name}", value)
+    validate_config(config)
+    return config
+
+
+def load_config_file(path: str | Path) -> Config:
+    """Read a config JSON file written by jemlab (or by hand)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path}: not valid JSON ({err}); fix or regenerate it with --dry-run"
+        ) from None
+    return config_from_dict(data)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_config(config: Config) -> None:
+    """Range and choice checks; each failure names the key and the accepted values."""
+    d, m, s, o, opt, t = (
+        config.data,
+        config.model,
+        config.sampler,
+        config.objective,
+        config.optim,
+        config.train,
+    )
+    _check(d.val_size >= 0, f"data.val_size must be >= 0, got {d.val_size}")
+    _check(d.limit is None or d.limit > 0, f"data.limit must be > 0 or none, got {d.limit}")
+    _check(
+        m.energy_head in ("logsumexp", "separate"),
+        f"model.energy_head must be logsumexp or separate, got '{m.energy_head}'",
+    )
+    _check(s.steps >= 0, f"sampler.steps must be >= 0, got {s.steps}")
+    _check(s.step_size > 0, f"sampler.step_size must be > 0, got {s.step_size}")
+    _check(s.noise >= 0, f"sampler.noise must be >= 0, got {s.noise}")
+    _check(
+        s.grad_clamp is None or s.grad_clamp > 0,
+        f"sampler.grad_clamp must be > 0 or none, got {s.grad_clamp}",
+    )
+    _check(s.buffer_size >= 1, f"sampler.buffer_size must be >= 1, got {s.buffer_size}")
+    _check(
+        s.buffer_mode in ("fixed", "queue"),
+        f"sampler.buffer_mode must be fixed or queue, got '{s.buffer_mode}'",
+    )
+    _check(
+        0.0 <= s.reinit_prob <= 1.0, f"sampler.reinit_prob must be in [0, 1], got {s.reinit_prob}"
+    )
+    _check(
+        s.batch_size is None or s.batch_size >= 1,
+        f"sampler.batch_size must be >= 1, got {s.batch_size}",
+    )
+    _check(
+        s.precision in ("fp32", "bf16"),
+        f"sampler.precision must be fp32 or bf16, got '{s.precision}'",
+    )
+    _check(
+        not (s.class_conditional and s.buffer_mode != "fixed"),
+        "sampler.class_conditional needs sampler.buffer_mode=fixed",
+    )
+    _check(
+        o.pxy == 0 or s.persistent,
+        "objective.pxy > 0 needs a persistent sampler (sampler.persistent=true)",
+    )
+    for name in ("ce", "px", "pxy", "energy_l2", "input_noise"):
+        value = getattr(o, name)
+        _check(value >= 0, f"objective.{name} must be >= 0, got {value}")
+    _check(
+        opt.name in ("adam", "adamw", "sgd"),
+        f"optim.name must be adam, adamw or sgd, got '{opt.name}'",
+    )
+    _check(0 < opt.lr < 10, f"optim.lr must be in (0, 10), got {opt.lr}")
+    _check(all(0 <= b < 1 for b in opt.betas), f"optim.betas must be in [0, 1), got {opt.betas}")
+    _check(opt.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {opt.warmup_steps}")
+    _check(
+        opt.schedule in ("constant", "step", "multistep", "cosine"),
+        f"optim.schedule must be constant, step, multistep or cosine, got '{opt.schedule}'",
+    )
+    _check(0 < opt.gamma <= 1, f"optim.gamma must be in (0, 1], got {opt.gamma}")
+    _check(opt.step_epochs >= 1, f"optim.step_epochs must be >= 1, got {opt.step_epochs}")
+    _check(
+        opt.grad_clip is None or opt.grad_clip > 0,
+        f"optim.grad_clip must be > 0 or none, got {opt.grad_clip}",
+    )
+    _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _check(
+        t.minutes is None or t.minutes > 0,
+        f"train.minutes (--minutes) must be > 0, got {t.minutes}",
+    )
+    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _check(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
+    _check(t.threads is None or t.threads >= 1, f"train.threads must be >= 1, got {t.threads}")
+    _check(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    _check(
+        t.sample_every >= 1 and t.checkpoint_every >= 1,
+        "train.sample_every and train.checkpoint_every must be >= 1",
+    )
+    _check(
+        t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"
+    )
+    _check(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'",
+    )
+    from jemlab.models import backbone_options  # local: models import config-free code only
+
+    allowed = backbone_options(m.name)
+    unknown = sorted(set(m.options) - set(allowed))
+    _check(
+        not unknown,
+        f"model '{m.name}' has no option(s) {', '.join(unknown)}; it accepts: {', '.join(allowed)}",
+    )

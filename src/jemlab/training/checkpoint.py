@@ -1,0 +1,218 @@
+"""Checkpoints: one safetensors file per snapshot, no pickle anywhere.
+
+A checkpoint holds every tensor of the run (model weights, optimizer moments, the replay buffer, RNG states)
+in safetensors, and everything else (resolved config, progress counters, optimizer hyper-parameters) as JSON in
+the safetensors header. Loading a checkpoint therefore never executes code from the file, whoever made it.
+
+Layout of a run directory::
+
+    run_dir/checkpoints/step-0001234.safetensors
+    run_dir/checkpoints/latest            # text: the file name of the newest complete checkpoint
+
+Files are written to a temporary name, flushed to disk and renamed, then `latest` is replaced the same way, so a
+run killed at any moment leaves the previous checkpoint intact and `latest` pointing to a complete file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jemlab import __version__
+from jemlab.errors import CheckpointError
+
+FORMAT_NAME = "jemlab-checkpoint"
+FORMAT_VERSION = 1
+LATEST = "latest"
+
+
+# --- flattening nested state into tensors + JSON -----------------------------------------------------------------
+
+
+def flatten_state(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Move every tensor of a nested dict/list into `tensors` (keyed by its path) and return a JSON-able tree
+    in which each tensor is replaced by ``{"__tensor__": path}``. Dict keys keep their type (int or str)."""
+    if isinstance(state, torch.Tensor):
+        tensors[prefix] = state.detach().cpu().contiguous().clone()
+        return {"__tensor__": prefix}
+    if isinstance(state, Mapping):
+        return {
+            "__dict__": [[k, flatten_state(v, f"{prefix}.{k}", tensors)] for k, v in state.items()]
+        }
+    if isinstance(state, (list, tuple)):
+        return [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(state)]
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return state
+    raise TypeError(f"cannot store {type(state).__name__} at {prefix} in a checkpoint")
+
+
+def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of `flatten_state`."""
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            key = tree["__tensor__"]
+            if key not in tensors:
+                raise CheckpointError(f"checkpoint is incomplete: tensor '{key}' is missing")
+            return tensors[key]
+        if "__dict__" in tree:
+            return {k: unflatten_state(v, tensors) for k, v in tree["__dict__"]}
+        raise CheckpointError("checkpoint metadata is malformed (unexpected object)")
+    if isinstance(tree, list):
+        return [unflatten_state(v, tensors) for v in tree]
+    return tree
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write one checkpoint file atomically.
+
+    Args:
+        path: destination file (``.safetensors``).
+        state: nested dict of tensors and plain values (model, optimizer, buffer, rng, …).
+        meta: JSON-able metadata (config, progress, …).
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = flatten_state(state, "s", tensors)
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "jemlab_version": __version__,
+        "state": json.dumps(tree),
+        "meta": json.dumps(meta),
+    }
+    path = Path(path)
+    atomic_write_bytes(path, save(tensors, metadata=header))
+    return path
+
+
+def save_run_checkpoint(
+    run_dir: str | Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 3
+) -> Path:
+    """Save ``run_dir/checkpoints/step-XXXXXXX.safetensors``, point `latest` at it, keep the newest `keep`."""
+    folder = Path(run_dir) / "checkpoints"
+    path = save_checkpoint(folder / f"step-{step:07d}.safetensors", state, meta)
+    atomic_write_bytes(folder / LATEST, (path.name + "\n").encode())
+    old = sorted(folder.glob("step-*.safetensors"))
+    for stale in old[:-keep]:
+        if stale.name != path.name:
+            stale.unlink(missing_ok=True)
+    return path
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint file, a run directory or its ``checkpoints`` folder; return the checkpoint file."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or run directory")
+    for folder in (path / "checkpoints", path):
+        latest = folder / LATEST
+        if latest.is_file():
+            name = latest.read_text().strip()
+            target = folder / name
+            if "/" in name or not target.is_file():
+                raise CheckpointError(
+                    f"{latest} points to '{name}', which does not exist; pass a step-*.safetensors file instead"
+                )
+            return target
+        found = sorted(folder.glob("step-*.safetensors"))
+        if found:
+            return found[-1]
+    raise CheckpointError(
+        f"{path}: no checkpoint found (expected checkpoints/latest or step-*.safetensors)"
+    )
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a checkpoint written by `save_checkpoint` (on the CPU).
+
+    Only safetensors is parsed; a pickle (``torch.save``) file or anything else is refused with a clear error and
+    never unpickled.
+
+    Returns:
+        (state, meta) as given to `save_checkpoint`.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = resolve_checkpoint(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:2] == b"\x80\x02" or head[:4] == b"PK\x03\x04":
+        raise CheckpointError(
+            f"{path}: this is a pickle/torch.save file, which jemlab never loads because unpickling can run "
+            f"arbitrary code; convert trusted weights to safetensors or retrain"
+        )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors checkpoint ({err}); the file is truncated or corrupt, "
+            f"use an earlier checkpoint from the same run"
+        ) from None
+    if header.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{path}: safetensors file without jemlab metadata; not a jemlab checkpoint"
+        )
+    try:
+        version = int(header.get("format_version", "0"))
+    except ValueError:
+        version = -1
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {header.get('format_version')} is not supported by jemlab "
+            f"{__version__} (reads version {FORMAT_VERSION}); upgrade jemlab"
+        )
+    try:
+        state = unflatten_state(json.loads(header["state"]), tensors)
+        meta = json.loads(header["meta"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: checkpoint metadata is corrupt ({err})") from None
+    return state, meta
