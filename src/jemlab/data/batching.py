@@ -34,13 +34,9 @@ class RandomBatcher:
             counts uniform); with False the last batch may be smaller.
     """
 
-    def __init__(
-        self, dataset: ArrayDataset, batch_size: int, seed: int, drop_last: bool = True
-    ) -> None:
+    def __init__(self, dataset: ArrayDataset, batch_size: int, seed: int, drop_last: bool = True) -> None:
         if batch_size <= 0:
-            raise ConfigError(
-                f"batch_size must be positive, got {batch_size}; pass --batch-size 1 or more"
-            )
+            raise ConfigError(f"batch_size must be positive, got {batch_size}; pass --batch-size 1 or more")
         if drop_last and len(dataset) < batch_size:
             raise ConfigError(
                 f"batch_size {batch_size} is larger than the {len(dataset)} training images, so an "
@@ -53,9 +49,7 @@ class RandomBatcher:
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self._generator = torch.Generator().manual_seed(self.seed)
-        self._epoch_start_state: torch.Tensor | None = (
-            None  # generator state before this epoch's randperm
-        )
+        self._epoch_start_state: torch.Tensor | None = None  # generator state before this epoch's randperm
         self._perm: torch.Tensor | None = None
         self._position = 0  # batches of the current epoch already handed out
         self._epoch = 0  # epochs started so far
@@ -124,9 +118,7 @@ class RandomBatcher:
             "dataset_size": len(self.dataset),
             "epoch": self._epoch,
             "position": self._position,
-            "epoch_start_state": (
-                None if self._epoch_start_state is None else self._epoch_start_state.clone()
-            ),
+            "epoch_start_state": (None if self._epoch_start_state is None else self._epoch_start_state.clone()),
             "generator_state": self._generator.get_state(),
         }
 

@@ -144,9 +144,7 @@ class _ArchiveSource:
                         out[wanted[path]] = (handle.read(), f"{self.archive}:{path}")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise DataError(
-                f"{self.archive}: corrupt or truncated archive ({reason}); {_FIX}"
-            ) from exc
+            raise DataError(f"{self.archive}: corrupt or truncated archive ({reason}); {_FIX}") from exc
         return out
 
     def __str__(self) -> str:
@@ -177,9 +175,7 @@ def _extract(spec: CifarSpec, directory: Path) -> None:
     members = _ArchiveSource(archive, spec.folder).read([*spec.members, spec.meta_member])
     missing = [m for m in spec.members if m not in members]
     if missing:
-        raise DataError(
-            f"{archive}: archive lacks {', '.join(f'{spec.folder}/{m}' for m in missing)}; {_FIX}"
-        )
+        raise DataError(f"{archive}: archive lacks {', '.join(f'{spec.folder}/{m}' for m in missing)}; {_FIX}")
     target = directory / spec.folder
     target.mkdir(parents=True, exist_ok=True)
     for name, (data, _) in members.items():
@@ -200,26 +196,19 @@ def _get(batch: dict, key: str) -> Any:
 def _parse_batch(data: bytes, source: str, spec: CifarSpec) -> tuple[torch.Tensor, torch.Tensor]:
     batch = safe_loads(data, source)
     if not isinstance(batch, dict):
-        raise DataError(
-            f"{source}: expected a dict in a CIFAR batch, found {type(batch).__name__}; {_FIX}"
-        )
+        raise DataError(f"{source}: expected a dict in a CIFAR batch, found {type(batch).__name__}; {_FIX}")
     pixels = _get(batch, "data")
     labels = _get(batch, spec.label_key)
     if not isinstance(pixels, np.ndarray) or pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
         shape = getattr(pixels, "shape", None)
         raise DataError(
-            f"{source}: 'data' must be an (N, 3072) uint8 array, found {type(pixels).__name__} "
-            f"{shape}; {_FIX}"
+            f"{source}: 'data' must be an (N, 3072) uint8 array, found {type(pixels).__name__} {shape}; {_FIX}"
         )
     if labels is None:
-        raise DataError(
-            f"{source}: no '{spec.label_key}' entry; is this a {spec.name} file? {_FIX}"
-        )
+        raise DataError(f"{source}: no '{spec.label_key}' entry; is this a {spec.name} file? {_FIX}")
     labels_array = np.asarray(labels, dtype=np.int64).reshape(-1)
     if labels_array.shape[0] != pixels.shape[0]:
-        raise DataError(
-            f"{source}: {pixels.shape[0]} images but {labels_array.shape[0]} labels; {_FIX}"
-        )
+        raise DataError(f"{source}: {pixels.shape[0]} images but {labels_array.shape[0]} labels; {_FIX}")
     if labels_array.size and (labels_array.min() < 0 or labels_array.max() >= spec.num_classes):
         raise DataError(
             f"{source}: labels must be 0..{spec.num_classes - 1}, found {labels_array.min()}.."

@@ -33,18 +33,14 @@ class ArrayDataset:
         # hence ValueError.
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ValueError(
-                f"ArrayDataset.images must be uint8 (N, C, H, W), got {self.images.dtype} "
-                f"{tuple(self.images.shape)}"
+                f"ArrayDataset.images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
             )
         if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
             raise ValueError(
-                f"ArrayDataset.labels must be int64 (N,), got {self.labels.dtype} "
-                f"{tuple(self.labels.shape)}"
+                f"ArrayDataset.labels must be int64 (N,), got {self.labels.dtype} {tuple(self.labels.shape)}"
             )
         if self.images.shape[0] != self.labels.shape[0]:
-            raise ValueError(
-                f"ArrayDataset has {self.images.shape[0]} images but {self.labels.shape[0]} labels"
-            )
+            raise ValueError(f"ArrayDataset has {self.images.shape[0]} images but {self.labels.shape[0]} labels")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -167,9 +163,7 @@ def split_train_val(
     if val_size < 0:
         raise ConfigError(f"val_size must be >= 0, got {val_size}; pass --val-size 0 or more")
     if limit is not None and limit <= 0:
-        raise ConfigError(
-            f"limit must be a positive number of images, got {limit}; omit it for no cap"
-        )
+        raise ConfigError(f"limit must be a positive number of images, got {limit}; omit it for no cap")
     if val_size >= n:
         raise DataError(
             f"{what}: val_size={val_size} leaves no training images (the official training set has "

@@ -126,17 +126,13 @@ def download_file(remote: RemoteFile, directory: str | os.PathLike) -> Path:
     for url in remote.urls:
         log.info("downloading %s to %s", url, dest)
         # The temporary file sits next to the destination so that os.replace is an atomic rename.
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{remote.filename}.", suffix=".part", dir=directory
-        )
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=directory)
         os.close(fd)
         tmp = Path(tmp_name)
         try:
             try:
                 fetch(url, tmp)
-            except (
-                Exception
-            ) as exc:  # urllib raises URLError, HTTPError, TimeoutError, OSError, ...
+            except Exception as exc:  # urllib raises URLError, HTTPError, TimeoutError, OSError, ...
                 reason = " ".join(str(exc).split()) or type(exc).__name__  # keep messages one line
                 failures.append(f"{url}: {reason}")
                 log.warning("download of %s failed: %s", url, reason)

@@ -38,9 +38,7 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(
-            f"{path}: cannot read: {exc.strerror or exc}; check the path and its permissions"
-        ) from exc
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}; check the path and its permissions") from exc
     if path.suffix != ".gz":
         return raw
     try:
@@ -63,10 +61,7 @@ def parse_idx(data: bytes, path: str | os.PathLike, expected_magic: int) -> np.n
     """
     kind = "images" if expected_magic == IMAGES_MAGIC else "labels"
     if len(data) < 4:
-        raise DataError(
-            f"{path}: not an IDX {kind} file: only {len(data)} bytes, too short for a header; "
-            f"{_FIX}"
-        )
+        raise DataError(f"{path}: not an IDX {kind} file: only {len(data)} bytes, too short for a header; {_FIX}")
     magic = int.from_bytes(data[:4], "big")
     if magic != expected_magic:
         hint = ""
@@ -74,16 +69,12 @@ def parse_idx(data: bytes, path: str | os.PathLike, expected_magic: int) -> np.n
             other = "images" if magic == IMAGES_MAGIC else "labels"
             hint = f" (this is an {other} file: are the file names swapped?)"
         raise DataError(
-            f"{path}: not an IDX {kind} file: magic number 0x{magic:08x}, expected "
-            f"0x{expected_magic:08x}{hint}; {_FIX}"
+            f"{path}: not an IDX {kind} file: magic number 0x{magic:08x}, expected 0x{expected_magic:08x}{hint}; {_FIX}"
         )
     ndim = expected_magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DataError(
-            f"{path}: truncated IDX file: {len(data)} bytes, shorter than its {header}-byte "
-            f"header; {_FIX}"
-        )
+        raise DataError(f"{path}: truncated IDX file: {len(data)} bytes, shorter than its {header}-byte header; {_FIX}")
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(dims, dtype=np.int64))
     actual = len(data) - header
@@ -168,9 +159,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
     """
     path = Path(path)
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, _UBYTE, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
+    header = bytes([0, 0, _UBYTE, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     data = header + array.tobytes()
     if path.suffix == ".gz":
         # mtime=0 keeps the output byte-identical across runs (stable checksums in tests).

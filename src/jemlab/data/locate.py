@@ -124,6 +124,5 @@ def resolve(
                 return found
             outcome = f"downloaded into {target} but the files are still incomplete"
     raise DataError(
-        f"{name}: dataset files not found (needs {needs}); looked in {', '.join(looked)}; "
-        f"{outcome}; fix: {hint}"
+        f"{name}: dataset files not found (needs {needs}); looked in {', '.join(looked)}; {outcome}; fix: {hint}"
     )

@@ -154,9 +154,7 @@ def find_idx_files(directory: Path) -> dict[str, Path] | None:
     return found
 
 
-def load_idx_dataset(
-    name: str, data_dir: str | os.PathLike | None, *, download: bool
-) -> OfficialSplits:
+def load_idx_dataset(name: str, data_dir: str | os.PathLike | None, *, download: bool) -> OfficialSplits:
     """Locate (or download) and read MNIST or Fashion-MNIST.
 
     Args:
@@ -186,6 +184,4 @@ def load_idx_dataset(
             f"has {tuple(train_x.shape[2:])}; the files come from different datasets: delete them "
             f"and re-download"
         )
-    return OfficialSplits(
-        train_x, train_y, test_x, test_y, list(spec.class_names), str(files[TRAIN_IMAGES].parent)
-    )
+    return OfficialSplits(train_x, train_y, test_x, test_y, list(spec.class_names), str(files[TRAIN_IMAGES].parent))

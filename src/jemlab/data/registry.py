@@ -15,9 +15,7 @@ from jemlab.errors import DataError
 Loader = Callable[[str | os.PathLike | None, bool], OfficialSplits]
 
 _LOADERS: dict[str, Loader] = {
-    "fashion-mnist": lambda data_dir, download: load_idx_dataset(
-        "fashion-mnist", data_dir, download=download
-    ),
+    "fashion-mnist": lambda data_dir, download: load_idx_dataset("fashion-mnist", data_dir, download=download),
     "mnist": lambda data_dir, download: load_idx_dataset("mnist", data_dir, download=download),
     "mnist-5k": lambda data_dir, download: load_mnist5k(data_dir),
     "cifar10": lambda data_dir, download: load_cifar("cifar10", data_dir, download=download),
@@ -54,9 +52,7 @@ def canonical_name(name: str) -> str:
     by_key = {key(n): n for n in _LOADERS}
     canonical = by_key.get(key(str(name)))
     if canonical is None:
-        raise DataError(
-            f"unknown dataset {name!r}; choose one of: {', '.join(available_datasets())}"
-        )
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(available_datasets())}")
     return canonical
 
 

@@ -81,6 +81,5 @@ def safe_loads(data: bytes, source: str | os.PathLike) -> Any:
     except Exception as exc:  # UnpicklingError, EOFError, ValueError, ... from a damaged file
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DataError(
-            f"{source}: not a readable pickle ({reason}); delete it and re-download, or pass "
-            f"--data-dir to a good copy"
+            f"{source}: not a readable pickle ({reason}); delete it and re-download, or pass --data-dir to a good copy"
         ) from exc

@@ -55,30 +55,21 @@ def read_svhn_mat(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
         import scipy.io  # lazy: scipy is only needed for SVHN
     except ImportError as exc:
         raise DataError(
-            f"{path}: reading SVHN .mat files needs scipy, which is not installed; pip install "
-            f"scipy"
+            f"{path}: reading SVHN .mat files needs scipy, which is not installed; pip install scipy"
         ) from exc
     try:
         mat = scipy.io.loadmat(str(path))
-    except (
-        Exception
-    ) as exc:  # ValueError, MatReadError, NotImplementedError (v7.3 files), OSError, ...
+    except Exception as exc:  # ValueError, MatReadError, NotImplementedError (v7.3 files), OSError, ...
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DataError(f"{path}: not a readable MATLAB file ({reason}); {_FIX}") from exc
     x, y = mat.get("X"), mat.get("y")
     if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
-        raise DataError(
-            f"{path}: 'X' must be a (32, 32, 3, N) array, found {getattr(x, 'shape', None)}; {_FIX}"
-        )
+        raise DataError(f"{path}: 'X' must be a (32, 32, 3, N) array, found {getattr(x, 'shape', None)}; {_FIX}")
     if not isinstance(y, np.ndarray) or y.size != x.shape[3]:
-        raise DataError(
-            f"{path}: {x.shape[3]} images but {getattr(y, 'size', 0)} labels in 'y'; {_FIX}"
-        )
+        raise DataError(f"{path}: {x.shape[3]} images but {getattr(y, 'size', 0)} labels in 'y'; {_FIX}")
     labels = y.reshape(-1).astype(np.int64)
     if labels.size and (labels.min() < 1 or labels.max() > 10):
-        raise DataError(
-            f"{path}: SVHN labels must be 1..10, found {labels.min()}..{labels.max()}; {_FIX}"
-        )
+        raise DataError(f"{path}: SVHN labels must be 1..10, found {labels.min()}..{labels.max()}; {_FIX}")
     labels[labels == 10] = 0
     # (H, W, C, N) -> (N, C, H, W); ascontiguousarray so later gathers are cheap.
     images = np.ascontiguousarray(x.transpose(3, 2, 0, 1), dtype=np.uint8)
@@ -106,6 +97,4 @@ def load_svhn(data_dir: str | os.PathLike | None, *, download: bool) -> Official
     )
     train_x, train_y = read_svhn_mat(files[TRAIN_FILE])
     test_x, test_y = read_svhn_mat(files[TEST_FILE])
-    return OfficialSplits(
-        train_x, train_y, test_x, test_y, list(DIGIT_CLASSES), str(files[TRAIN_FILE].parent)
-    )
+    return OfficialSplits(train_x, train_y, test_x, test_y, list(DIGIT_CLASSES), str(files[TRAIN_FILE].parent))

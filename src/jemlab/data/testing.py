@@ -19,6 +19,7 @@ import gzip
 import io
 import os
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -120,9 +121,41 @@ def write_idx_dataset(
     return directory
 
 
-def _cifar_batches(
-    n_train: int, n_test: int, num_classes: int, seed: int
-) -> dict[str, dict[bytes, object]]:
+class _Py2StylePickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch table is open
+    """Protocol 2 with every str and bytes written as a Python 2 ``str`` (``BINSTRING``), like cPickle.
+
+    Python 3 itself pickles bytes at protocol 2 through ``_codecs.encode``, a global that the official
+    (Python 2) CIFAR files never reference and the restricted unpickler refuses.
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_py2_str(self, obj: str | bytes) -> None:
+        data = obj.encode("latin-1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+
+    dispatch[bytes] = _save_py2_str
+    dispatch[str] = _save_py2_str
+
+
+def py2_style_pickle(obj: object) -> bytes:
+    """Pickle ``obj`` the way Python 2's cPickle wrote the official CIFAR batches (protocol 2).
+
+    Args:
+        obj: dicts, lists, ints, str/bytes and numpy arrays.
+
+    Returns:
+        The pickle bytes.
+    """
+    buffer = io.BytesIO()
+    _Py2StylePickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def _cifar_batches(n_train: int, n_test: int, num_classes: int, seed: int) -> dict[str, dict[bytes, object]]:
     rng = np.random.default_rng(seed)
     cifar10 = num_classes == 10
     label_key = b"labels" if cifar10 else b"fine_labels"
@@ -157,8 +190,7 @@ def write_cifar_dataset(
     """Write a fake CIFAR-10 (``num_classes=10``) or CIFAR-100 (``num_classes=100``) in the official
     layout.
 
-    Pickles use protocol 4 (bytes and numpy arrays without ``_codecs``), which the restricted
-    unpickler reads.
+    Batches are pickled like the official Python 2 files (``py2_style_pickle``).
 
     Args:
         directory: destination folder (created).
@@ -177,8 +209,7 @@ def write_cifar_dataset(
     directory.mkdir(parents=True, exist_ok=True)
     folder = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
     blobs = {
-        name: pickle.dumps(batch, protocol=4)
-        for name, batch in _cifar_batches(n_train, n_test, num_classes, seed).items()
+        name: py2_style_pickle(batch) for name, batch in _cifar_batches(n_train, n_test, num_classes, seed).items()
     }
     if archive:
         name = "cifar-10-python.tar.gz" if num_classes == 10 else "cifar-100-python.tar.gz"
@@ -194,9 +225,7 @@ def write_cifar_dataset(
     return directory
 
 
-def write_svhn_dataset(
-    directory: str | os.PathLike, n_train: int = 300, n_test: int = 100, *, seed: int = 0
-) -> Path:
+def write_svhn_dataset(directory: str | os.PathLike, n_train: int = 300, n_test: int = 100, *, seed: int = 0) -> Path:
     """Write a fake SVHN: ``train_32x32.mat`` and ``test_32x32.mat`` (needs scipy).
 
     Labels follow the SVHN convention: digit 0 is stored as 10.
@@ -223,9 +252,7 @@ def write_svhn_dataset(
     return directory
 
 
-def write_mnist5k_csv(
-    directory: str | os.PathLike, n_per_class: int = 50, *, gz: bool = True, seed: int = 0
-) -> Path:
+def write_mnist5k_csv(directory: str | os.PathLike, n_per_class: int = 50, *, gz: bool = True, seed: int = 0) -> Path:
     """Write a fake ``mnist_5k.csv[.gz]``: 784 pixel columns then the label, rows sorted by class.
 
     Args:
@@ -249,3 +276,31 @@ def write_mnist5k_csv(
     path = directory / ("mnist_5k.csv.gz" if gz else "mnist_5k.csv")
     path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
     return path
+
+
+def isolate_data_locations(monkeypatch, root: str | os.PathLike) -> tuple[Path, Path]:
+    """Point the user cache and the system dataset folder into ``root`` and forbid network access.
+
+    Use in tests so nothing reads ``~/.cache/jemlab`` or ``/usr/share/datasets`` or touches the
+    network: any download attempt fails as if the network were down.
+
+    Args:
+        monkeypatch: pytest's ``monkeypatch`` fixture.
+        root: a temporary folder.
+
+    Returns:
+        ``(cache_root, system_dir)``: the folders now used as ``$JEMLAB_DATA`` and the system folder
+        (neither is created).
+    """
+    from jemlab.data import download, locate
+
+    root = Path(root)
+    cache, system = root / "cache", root / "system"
+    monkeypatch.setenv(locate.CACHE_ENV, str(cache))
+    monkeypatch.setattr(locate, "SYSTEM_DATA_DIR", system)
+
+    def no_network(url: str, dest: Path) -> None:
+        raise OSError(f"network access is disabled in tests (tried {url})")
+
+    monkeypatch.setattr(download, "fetch", no_network)
+    return cache, system
