@@ -95,8 +95,10 @@ IMAGES = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
         (_idx_bytes(IMAGES, magic=0x0D03), ["magic number 0x00000d03"]),
         (b"\x00\x00", ["too short"]),
         (_idx_bytes(IMAGES)[:10], ["truncated", "header"]),
+        (_idx_bytes(np.zeros((2, 0, 3), np.uint8)), ["images of 0x3 pixels"]),
+        (_idx_bytes(IMAGES)[:4] + b"\xff" * 12, ["truncated", "4294967295 images"]),
     ],
-    ids=["truncated", "trailing", "labels-as-images", "float-type", "tiny", "cut-header"],
+    ids=["truncated", "trailing", "labels-as-images", "float-type", "tiny", "cut-header", "empty-images", "huge"],
 )
 def test_structural_corruption_is_reported(tmp_path, data, words):
     path = tmp_path / "train-images-idx3-ubyte"

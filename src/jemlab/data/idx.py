@@ -9,6 +9,7 @@ because a half-downloaded or mixed-up file is the usual cause and deleting it is
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -76,7 +77,9 @@ def parse_idx(data: bytes, path: str | os.PathLike, expected_magic: int) -> np.n
     if len(data) < header:
         raise DataError(f"{path}: truncated IDX file: {len(data)} bytes, shorter than its {header}-byte header; {_FIX}")
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims, dtype=np.int64))
+    if kind == "images" and 0 in dims[1:]:
+        raise DataError(f"{path}: IDX header says images of {dims[1]}x{dims[2]} pixels, which is empty; {_FIX}")
+    expected = math.prod(dims)  # Python ints: a corrupt header cannot overflow
     actual = len(data) - header
     if actual != expected:
         if kind == "images":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -11,6 +12,8 @@ from jemlab.data.mnist import load_idx_dataset
 from jemlab.data.mnist5k import load_mnist5k
 from jemlab.data.svhn import load_svhn
 from jemlab.errors import DataError
+
+log = logging.getLogger(__name__)
 
 Loader = Callable[[str | os.PathLike | None, bool], OfficialSplits]
 
@@ -98,6 +101,15 @@ def load_dataset(
         what=canonical,
     )
     test = ArrayDataset(official.test_images, official.test_labels)
+    log.info(
+        "%s from %s: %d train, %d val, %d test images of %s",
+        canonical,
+        official.source,
+        len(train),
+        len(val),
+        len(test),
+        train.image_shape,
+    )
     return DatasetSplits(
         name=canonical,
         train=train,
