@@ -84,7 +84,7 @@ class ReplayBuffer:
             self.images = init(capacity, labels, generator)
             self.size = capacity
         else:
-            self.images = torch.empty((capacity, *self.shape))
+            self.images = torch.zeros((capacity, *self.shape))
             self.images[:initial_size] = init(min(initial_size, capacity), None, generator)
             self.size = min(initial_size, capacity)
         self.head = self.size % capacity  # next slot to overwrite in queue mode

@@ -42,9 +42,7 @@ def flatten_state(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> 
         tensors[prefix] = state.detach().cpu().contiguous().clone()
         return {"__tensor__": prefix}
     if isinstance(state, Mapping):
-        return {
-            "__dict__": [[k, flatten_state(v, f"{prefix}.{k}", tensors)] for k, v in state.items()]
-        }
+        return {"__dict__": [[k, flatten_state(v, f"{prefix}.{k}", tensors)] for k, v in state.items()]}
     if isinstance(state, (list, tuple)):
         return [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(state)]
     if state is None or isinstance(state, (bool, int, float, str)):
@@ -164,9 +162,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = sorted(folder.glob("step-*.safetensors"))
         if found:
             return found[-1]
-    raise CheckpointError(
-        f"{path}: no checkpoint found (expected checkpoints/latest or step-*.safetensors)"
-    )
+    raise CheckpointError(f"{path}: no checkpoint found (expected checkpoints/latest or step-*.safetensors)")
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -198,9 +194,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
             f"use an earlier checkpoint from the same run"
         ) from None
     if header.get("format") != FORMAT_NAME:
-        raise CheckpointError(
-            f"{path}: safetensors file without jemlab metadata; not a jemlab checkpoint"
-        )
+        raise CheckpointError(f"{path}: safetensors file without jemlab metadata; not a jemlab checkpoint")
     try:
         version = int(header.get("format_version", "0"))
     except ValueError:

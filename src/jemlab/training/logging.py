@@ -22,7 +22,7 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logger(run_dir: Path | None, name: str = "jemlab") -> logging.Logger:
+def setup_logger(run_dir: Path | None, name: str = "jemlab", extra_file: str | Path | None = None) -> logging.Logger:
     """Logger writing plain lines to the console and timestamped lines to ``run_dir/train.log``."""
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
@@ -33,9 +33,12 @@ def setup_logger(run_dir: Path | None, name: str = "jemlab") -> logging.Logger:
     console = _TqdmHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(run_dir / "train.log")
+    files = [] if run_dir is None else [run_dir / "train.log"]
+    if extra_file is not None:
+        files.append(Path(extra_file))
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(path)
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file)
     return logger
@@ -71,11 +74,7 @@ class MetricsWriter:
         if self._tb is not None:
             step = int(record.get("step", 0))
             for key, value in record.items():
-                if (
-                    key not in ("step", "epoch")
-                    and isinstance(value, (int, float))
-                    and math.isfinite(value)
-                ):
+                if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from jemlab.config import Config, validate_config
-from jemlab.data import DatasetSplits, RandomBatcher, load_dataset
+from jemlab.data import ArrayDataset, DatasetSplits, RandomBatcher, load_dataset
 from jemlab.errors import ConfigError, DivergenceError
 from jemlab.images import save_grid
 from jemlab.models import EnergyModel, build_model
@@ -32,9 +32,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"train.device={name} but this torch build sees no CUDA GPU; use --device cpu"
-        )
+        raise ConfigError(f"train.device={name} but this torch build sees no CUDA GPU; use --device cpu")
     return torch.device(name)
 
 
@@ -78,6 +76,26 @@ def learning_rate(config: Config, step: int, epoch: int) -> float:
     return lr
 
 
+@torch.no_grad()
+def evaluate_split(
+    model: EnergyModel, data: ArrayDataset, device: torch.device, prefix: str, batch_size: int = 500
+) -> dict[str, float]:
+    """Mean cross-entropy (`<prefix>_nll`) and accuracy (`<prefix>_accuracy`, a fraction) of the classifier."""
+    if len(data) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        logits = model.logits(x.to(device)).float()
+        y = y.to(device)
+        total_loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    model.train(was_training)
+    return {f"{prefix}_nll": total_loss / len(data), f"{prefix}_accuracy": correct / len(data)}
+
+
 class Trainer:
     """Trains one energy model from a config; holds everything a checkpoint must capture.
 
@@ -87,9 +105,7 @@ class Trainer:
         splits: the dataset (loaded from `config.data` when None).
     """
 
-    def __init__(
-        self, config: Config, run_dir: str | Path | None, splits: DatasetSplits | None = None
-    ):
+    def __init__(self, config: Config, run_dir: str | Path | None, splits: DatasetSplits | None = None):
         validate_config(config)
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -301,22 +317,9 @@ class Trainer:
 
     # --- evaluation and samples ----------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def evaluate(self, split: str, batch_size: int = 500) -> dict[str, float]:
+    def evaluate(self, split: str) -> dict[str, float]:
         """Cross-entropy and accuracy of the classifier on the val or test split."""
-        data = getattr(self.splits, split)
-        if len(data) == 0:
-            return {}
-        self.model.eval()
-        total_loss, correct = 0.0, 0
-        for start in range(0, len(data), batch_size):
-            x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
-            logits = self.model.logits(x.to(self.device)).float()
-            y = y.to(self.device)
-            total_loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-        self.model.train()
-        return {f"{split}_nll": total_loss / len(data), f"{split}_accuracy": correct / len(data)}
+        return evaluate_split(self.model, getattr(self.splits, split), self.device, prefix=split)
 
     def sample_grids(self, tag: str) -> list[Path]:
         """Save the current negatives (unconditional) and one row of conditional samples per class."""
@@ -337,14 +340,18 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------------------
 
-    def fit(self, resume_from: str | Path | None = None) -> dict[str, Any]:
+    def fit(self, resume_from: str | Path | None = None, log_file: str | Path | None = None) -> dict[str, Any]:
         """Train until `train.epochs` or the `train.minutes` budget, then evaluate and save.
+
+        Args:
+            resume_from: checkpoint file or run directory to continue from.
+            log_file: an extra file that receives the log (besides run_dir/train.log).
 
         Returns:
             The final metrics (also written to run_dir/metrics.json).
         """
         cfg, t = self.config, self.config.train
-        log = setup_logger(self.run_dir)
+        log = setup_logger(self.run_dir, extra_file=log_file)
         writer = None
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -400,9 +407,7 @@ class Trainer:
                         record["buffer_std"] = float(self.buffer.images.std())
                     if writer:
                         writer.write(record)
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}"
-                    )
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
                     log.info(_format_record(record))
                     window, window_count, window_start = {}, 0, now
 
@@ -466,9 +471,7 @@ class Trainer:
         if self.run_dir is not None:
             final["samples"] = [str(p) for p in self.sample_grids("final")]
             (self.run_dir / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
-            log.info(
-                f"wrote {self.run_dir / 'metrics.json'} and sample grids in {self.run_dir / 'samples'}"
-            )
+            log.info(f"wrote {self.run_dir / 'metrics.json'} and sample grids in {self.run_dir / 'samples'}")
         return final
 
 

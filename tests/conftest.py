@@ -1,0 +1,36 @@
+"""Shared fixtures. Tests run on the CPU with one thread: deterministic and friendly to a 2-core machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture()
+def tiny_idx_dir(tmp_path):
+    """A small class-structured fake Fashion-MNIST in IDX format (600 train, 100 test images)."""
+    from jemlab.data.testing import write_idx_dataset
+
+    folder = tmp_path / "data"
+    write_idx_dataset(folder, n_train=600, n_test=100, seed=0)
+    return folder
+
+
+@pytest.fixture()
+def tiny_config_overrides(tiny_idx_dir):
+    """Overrides that make any preset train in seconds on the tiny dataset."""
+    return [
+        ("data.data_dir", str(tiny_idx_dir)),
+        ("data.val_size", "100"),
+        ("data.download", "false"),
+        ("train.batch_size", "32"),
+        ("train.epochs", "2"),
+        ("train.log_every", "5"),
+        ("train.progress", "false"),
+        ("train.tensorboard", "false"),
+        ("sampler.steps", "3"),
+        ("sampler.buffer_size", "200"),
+        ("optim.warmup_steps", "5"),
+    ]

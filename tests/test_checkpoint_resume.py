@@ -1,0 +1,85 @@
+"""Checkpoints round-trip, refuse pickles, and a resumed run repeats the next step exactly."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from jemlab.config import build_config
+from jemlab.errors import CheckpointError
+from jemlab.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, save_run_checkpoint
+from jemlab.training.loop import Trainer
+
+
+def test_nested_state_round_trip(tmp_path):
+    state = {"a": torch.arange(3), "opt": {"state": {0: {"step": torch.tensor(2.0)}}, "groups": [{"lr": 0.1}]}}
+    path = save_checkpoint(tmp_path / "c.safetensors", state, {"hello": [1, 2]})
+    loaded, meta = load_checkpoint(path)
+    assert torch.equal(loaded["a"], state["a"])
+    assert 0 in loaded["opt"]["state"]  # integer keys survive (the optimizer needs them)
+    assert loaded["opt"]["groups"][0]["lr"] == 0.1 and meta == {"hello": [1, 2]}
+
+
+def test_pickle_file_is_refused_without_unpickling(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(Boom(), protocol=2))
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(path)
+    torch.save({"x": Boom()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
+    path = save_checkpoint(tmp_path / "c.safetensors", {"a": torch.ones(100)}, {})
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="not a jemlab checkpoint"):
+        load_checkpoint(tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="no such"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_run_checkpoints_keep_last_n_and_latest_pointer(tmp_path):
+    for step in range(5):
+        save_run_checkpoint(tmp_path, step, {"a": torch.tensor(step)}, {}, keep=2)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*.safetensors"))
+    assert files == ["step-0000003.safetensors", "step-0000004.safetensors"]
+    assert resolve_checkpoint(tmp_path).name == "step-0000004.safetensors"
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("preset", ["default", "course"])
+def test_resumed_run_repeats_next_step_exactly(tmp_path, tiny_config_overrides, preset):
+    config = build_config(preset, tiny_config_overrides)
+    trainer = Trainer(config, tmp_path / "run")
+    for _ in range(3):
+        trainer.train_step(*trainer.batcher.next_batch(), epoch=0)
+    trainer.save()
+    # The uninterrupted run takes two more steps.
+    for _ in range(2):
+        trainer.train_step(*trainer.batcher.next_batch(), epoch=0)
+    expected = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    expected_buffer = trainer.buffer.images.clone()
+
+    resumed = Trainer(build_config(preset, tiny_config_overrides), tmp_path / "run2")
+    resumed.resume(tmp_path / "run")
+    assert resumed.step == 3
+    for _ in range(2):
+        resumed.train_step(*resumed.batcher.next_batch(), epoch=0)
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert torch.equal(resumed.buffer.images, expected_buffer)

@@ -1,0 +1,68 @@
+"""Energies follow the one sign convention; every backbone builds and gives the right shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jemlab.energy import joint_energy, marginal_energy
+from jemlab.errors import ConfigError
+from jemlab.models import BACKBONES, build_model
+
+
+def test_marginal_energy_is_negative_logsumexp():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    expected = -torch.log(torch.exp(logits).sum(1))
+    assert torch.allclose(marginal_energy(logits), expected)
+    assert torch.allclose(marginal_energy(logits)[0], -torch.log(torch.tensor(2.0)))
+
+
+def test_joint_energy_and_bayes_rule():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    assert torch.equal(joint_energy(logits, y), -logits[torch.arange(5), y])
+    # p(y|x) = exp(−E(x,y)) / exp(−E(x)) is the softmax: classifier and EBM are one distribution.
+    p = torch.exp(-joint_energy(logits, y) + marginal_energy(logits))
+    assert torch.allclose(p, logits.softmax(1)[torch.arange(5), y])
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "shape"),
+    [
+        ("cnn", {"width": 8}, (1, 28, 28)),
+        ("course_cnn", {}, (1, 28, 28)),
+        ("mlp", {"hidden": [32]}, (1, 28, 28)),
+        ("wide_resnet", {"depth": 10, "widen": 1}, (3, 32, 32)),
+        ("cnn", {"width": 8}, (3, 32, 32)),
+    ],
+)
+def test_backbones_build_and_give_energies(name, options, shape):
+    head = "separate" if name == "course_cnn" else "logsumexp"
+    model = build_model(name, shape, 10, head, options)
+    x = torch.rand(4, *shape) * 2 - 1
+    logits, energy = model.logits_and_energy(x)
+    assert logits.shape == (4, 10) and energy.shape == (4,)
+    assert torch.allclose(energy, model.energy(x))
+    if head == "logsumexp":
+        assert torch.allclose(energy, -torch.logsumexp(logits, 1))
+
+
+def test_course_cnn_has_256_features():
+    model = build_model("course_cnn", (1, 28, 28), 10, "separate")
+    assert model.backbone.feature_dim == 256
+    assert model.density_head is not None
+
+
+def test_unknown_model_and_option_errors_list_choices():
+    with pytest.raises(ConfigError, match="choose one of: .*cnn"):
+        build_model("resnet9000", (1, 28, 28), 10)
+    with pytest.raises(ConfigError, match="accepts: width"):
+        build_model("cnn", (1, 28, 28), 10, options={"depth": 3})
+    assert set(BACKBONES) >= {"cnn", "course_cnn", "mlp", "wide_resnet"}
+
+
+def test_wide_resnet_28_10_size():
+    model = build_model("wide_resnet", (3, 32, 32), 10, options={"depth": 28, "widen": 10})
+    n = sum(p.numel() for p in model.parameters())
+    assert 36e6 < n < 37e6  # WRN-28-10 has about 36.5M parameters
