@@ -63,13 +63,9 @@ def check_logits_labels(logits: ArrayLike, labels: ArrayLike) -> tuple[Tensor, T
     lg = to_tensor(logits, torch.float64)
     lb = to_tensor(labels)
     if lg.ndim != 2:
-        raise JemlabError(
-            f"logits must have shape (N, C), got {tuple(lg.shape)}; pass one row per example"
-        )
+        raise JemlabError(f"logits must have shape (N, C), got {tuple(lg.shape)}; pass one row per example")
     if lb.ndim != 1 or lb.shape[0] != lg.shape[0]:
-        raise JemlabError(
-            f"labels must have shape ({lg.shape[0]},) to match logits, got {tuple(lb.shape)}"
-        )
+        raise JemlabError(f"labels must have shape ({lg.shape[0]},) to match logits, got {tuple(lb.shape)}")
     if lg.shape[0] == 0:
         raise JemlabError("no examples to evaluate: logits are empty; pass at least one example")
     if lb.dtype.is_floating_point and not torch.equal(lb, lb.round()):

@@ -74,9 +74,7 @@ class ReliabilityData:
         }
 
 
-def confidence_and_correctness(
-    logits: ArrayLike, labels: ArrayLike
-) -> tuple[np.ndarray, np.ndarray]:
+def confidence_and_correctness(logits: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Confidence max_y softmax(logits) and 0/1 correctness of the argmax prediction.
 
     Args:
@@ -96,21 +94,15 @@ def _check_conf(confidences: ArrayLike, correct: ArrayLike) -> tuple[np.ndarray,
     c = to_numpy(confidences, np.float64).reshape(-1)
     k = to_numpy(correct, np.float64).reshape(-1)
     if c.shape != k.shape:
-        raise JemlabError(
-            f"{c.size} confidences but {k.size} correctness flags; pass matching lengths"
-        )
+        raise JemlabError(f"{c.size} confidences but {k.size} correctness flags; pass matching lengths")
     if c.size == 0:
         raise JemlabError("no examples to evaluate calibration on; pass at least one")
     if np.any(c < 0) or np.any(c > 1) or not np.all(np.isfinite(c)):
-        raise JemlabError(
-            "confidences must be finite and in [0, 1]; pass max softmax probabilities"
-        )
+        raise JemlabError("confidences must be finite and in [0, 1]; pass max softmax probabilities")
     return c, k
 
 
-def reliability_data(
-    confidences: ArrayLike, correct: ArrayLike, n_bins: int = DEFAULT_N_BINS
-) -> ReliabilityData:
+def reliability_data(confidences: ArrayLike, correct: ArrayLike, n_bins: int = DEFAULT_N_BINS) -> ReliabilityData:
     """Bin confidences into ``n_bins`` equal-width bins and average confidence and accuracy per bin.
 
     Args:
@@ -136,9 +128,7 @@ def reliability_data(
     return ReliabilityData(edges, mean_c, mean_k, count)
 
 
-def expected_calibration_error(
-    confidences: ArrayLike, correct: ArrayLike, n_bins: int = DEFAULT_N_BINS
-) -> float:
+def expected_calibration_error(confidences: ArrayLike, correct: ArrayLike, n_bins: int = DEFAULT_N_BINS) -> float:
     """Expected calibration error, sum_b |B_b|/N * |acc(B_b) - conf(B_b)|.
 
     Args:
@@ -155,9 +145,7 @@ def expected_calibration_error(
     return float(np.sum(rd.bin_count[mask] / rd.n * gaps))
 
 
-def max_calibration_error(
-    confidences: ArrayLike, correct: ArrayLike, n_bins: int = DEFAULT_N_BINS
-) -> float:
+def max_calibration_error(confidences: ArrayLike, correct: ArrayLike, n_bins: int = DEFAULT_N_BINS) -> float:
     """Maximum calibration error: the largest |acc - conf| over non-empty bins.
 
     Args:
@@ -173,9 +161,7 @@ def max_calibration_error(
     return float(np.max(np.abs(rd.bin_accuracy[mask] - rd.bin_confidence[mask])))
 
 
-def brier_score(
-    probs_or_logits: ArrayLike, labels: ArrayLike, *, from_logits: bool = True
-) -> float:
+def brier_score(probs_or_logits: ArrayLike, labels: ArrayLike, *, from_logits: bool = True) -> float:
     """Multi-class Brier score (Brier, 1950): mean over examples of sum_k (p_k - 1[y = k])².
 
     Ranges from 0 (perfect) to 2. Some papers divide by C; we do not.
@@ -238,7 +224,8 @@ def fit_temperature(
 
     Returns:
         The fitted temperature T (divide test logits by it before computing calibrated
-        probabilities).
+        probabilities). When every validation example is classified correctly the NLL keeps
+        decreasing as T → 0 and the result sits at the lower end of ``log_t_range``.
     """
     lg, lb = check_logits_labels(logits, labels)
     lo, hi = log_t_range
@@ -263,9 +250,7 @@ def fit_temperature(
     return float(math.exp(0.5 * (a + b)))
 
 
-def calibration_metrics(
-    logits: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_N_BINS
-) -> dict[str, Any]:
+def calibration_metrics(logits: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_N_BINS) -> dict[str, Any]:
     """ECE, MCE, Brier and NLL of softmax(logits), plus the reliability-diagram bins.
 
     Args:

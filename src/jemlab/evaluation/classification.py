@@ -60,9 +60,7 @@ def nll(logits: ArrayLike, labels: ArrayLike) -> float:
     return float(F.cross_entropy(lg, lb, reduction="mean"))
 
 
-def confusion_matrix(
-    logits_or_preds: ArrayLike, labels: ArrayLike, num_classes: int | None = None
-) -> np.ndarray:
+def confusion_matrix(logits_or_preds: ArrayLike, labels: ArrayLike, num_classes: int | None = None) -> np.ndarray:
     """Confusion matrix with rows = true class and columns = predicted class.
 
     Args:
@@ -84,23 +82,17 @@ def confusion_matrix(
     else:
         raise JemlabError(f"expected (N, C) logits or (N,) predictions, got shape {arr.shape}")
     if preds.shape[0] != lb.shape[0]:
-        raise JemlabError(
-            f"{preds.shape[0]} predictions but {lb.shape[0]} labels; pass matching lengths"
-        )
+        raise JemlabError(f"{preds.shape[0]} predictions but {lb.shape[0]} labels; pass matching lengths")
     if num_classes is None:
         num_classes = int(max(preds.max(initial=0), lb.max(initial=0))) + 1
     if lb.size and (lb.min() < 0 or lb.max() >= num_classes):
-        raise JemlabError(
-            f"labels must lie in [0, {num_classes}); got range [{lb.min()}, {lb.max()}]"
-        )
+        raise JemlabError(f"labels must lie in [0, {num_classes}); got range [{lb.min()}, {lb.max()}]")
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (lb, preds), 1)
     return cm
 
 
-def per_class_accuracy(
-    logits: ArrayLike, labels: ArrayLike, num_classes: int | None = None
-) -> np.ndarray:
+def per_class_accuracy(logits: ArrayLike, labels: ArrayLike, num_classes: int | None = None) -> np.ndarray:
     """Accuracy restricted to each true class (recall per class).
 
     Args:
@@ -137,9 +129,7 @@ def classification_metrics(logits: ArrayLike, labels: ArrayLike) -> dict[str, An
         "accuracy": acc,
         "error": 1.0 - acc,
         "nll": nll(lg, lb),
-        "per_class_accuracy": {
-            str(i): (None if np.isnan(v) else float(v)) for i, v in enumerate(pca)
-        },
+        "per_class_accuracy": {str(i): (None if np.isnan(v) else float(v)) for i, v in enumerate(pca)},
         "confusion_matrix": confusion_matrix(lg, lb, lg.shape[1]).tolist(),
     }
 
@@ -176,9 +166,7 @@ def collect_logits(
             if has_labels is None:
                 has_labels = this_has
             elif has_labels != this_has:
-                raise JemlabError(
-                    "images_iter mixes bare batches and (images, labels) pairs; yield one kind"
-                )
+                raise JemlabError("images_iter mixes bare batches and (images, labels) pairs; yield one kind")
             if device is not None:
                 x = x.to(device)
             out = logits_fn(x)

@@ -48,9 +48,7 @@ class FeatureNet(nn.Module):
         widths: Channel widths of the three blocks; the last is the feature dimension.
     """
 
-    def __init__(
-        self, in_channels: int, num_classes: int, widths: Sequence[int] = (32, 64, 128)
-    ) -> None:
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (32, 64, 128)) -> None:
         super().__init__()
         if len(widths) < 1:
             raise JemlabError("FeatureNet needs at least one block width")
@@ -216,10 +214,7 @@ def train_feature_net(
         epochs_done = epoch + 1
         if log is not None:
             acc = _evaluate(net, xv, yv) if len(xv) else float("nan")
-            log(
-                f"feature net epoch {epoch + 1}/{epochs}: loss {float(loss):.4f}, held-out acc "
-                f"{acc:.4f}"
-            )
+            log(f"feature net epoch {epoch + 1}/{epochs}: loss {float(loss):.4f}, held-out acc {acc:.4f}")
     acc = _evaluate(net, xv, yv) if len(xv) else float("nan")
     net.eval()
     net.meta = {
@@ -257,9 +252,7 @@ def save_feature_net(net: FeatureNet, path: str | Path, meta: dict[str, Any] | N
 
     path = Path(path)
     if path.suffix == ".json":
-        raise JemlabError(
-            f"feature net weights path {path} must not end in .json; use .safetensors"
-        )
+        raise JemlabError(f"feature net weights path {path} must not end in .json; use .safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(path))
@@ -290,32 +283,23 @@ def load_feature_net(path: str | Path) -> FeatureNet:
     path = Path(path)
     side_path = _sidecar(path)
     if not path.is_file():
-        raise JemlabError(
-            f"feature net weights {path} not found; train one with train_feature_net and save it"
-        )
+        raise JemlabError(f"feature net weights {path} not found; train one with train_feature_net and save it")
     if not side_path.is_file():
-        raise JemlabError(
-            f"feature net sidecar {side_path} not found; it must sit next to {path.name}"
-        )
+        raise JemlabError(f"feature net sidecar {side_path} not found; it must sit next to {path.name}")
     try:
         side = json.loads(side_path.read_text())
     except json.JSONDecodeError as exc:
-        raise JemlabError(
-            f"feature net sidecar {side_path} is not valid JSON ({exc}); re-save the net"
-        ) from exc
+        raise JemlabError(f"feature net sidecar {side_path} is not valid JSON ({exc}); re-save the net") from exc
     if side.get("format") != FORMAT_NAME or side.get("format_version") != FORMAT_VERSION:
         raise JemlabError(
-            f"{side_path} is not a {FORMAT_NAME} v{FORMAT_VERSION} sidecar; re-save the net with "
-            "this jemlab"
+            f"{side_path} is not a {FORMAT_NAME} v{FORMAT_VERSION} sidecar; re-save the net with this jemlab"
         )
     net = FeatureNet(int(side["in_channels"]), int(side["num_classes"]), side["widths"])
     try:
         state = load_file(str(path))
         net.load_state_dict(state, strict=True)
     except Exception as exc:  # safetensors raises its own error types
-        raise JemlabError(
-            f"cannot load feature net weights {path}: {exc}; re-save the net"
-        ) from exc
+        raise JemlabError(f"cannot load feature net weights {path}: {exc}; re-save the net") from exc
     arch = {"format", "format_version", "in_channels", "num_classes", "widths"}
     net.meta = {k: v for k, v in side.items() if k not in arch}
     net.eval()

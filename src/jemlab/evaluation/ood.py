@@ -310,14 +310,9 @@ def compute_scores(
     """
     if isinstance(score_fn, str):
         if score_fn not in SCORE_FUNCTIONS:
-            raise JemlabError(
-                f"unknown OOD score {score_fn!r}; choose one of {sorted(SCORE_FUNCTIONS)}"
-            )
+            raise JemlabError(f"unknown OOD score {score_fn!r}; choose one of {sorted(SCORE_FUNCTIONS)}")
         score_fn = SCORE_FUNCTIONS[score_fn]
-    out = [
-        score_fn(model, x[i : i + batch_size]).detach().cpu().float()
-        for i in range(0, len(x), batch_size)
-    ]
+    out = [score_fn(model, x[i : i + batch_size]).detach().cpu().float() for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -362,9 +357,7 @@ def gaussian_noise(
     return (z * torch.as_tensor(std) + torch.as_tensor(mean)).clamp(-1.0, 1.0).float()
 
 
-def interpolations(
-    x: Tensor, n: int | None = None, generator: torch.Generator | None = None
-) -> Tensor:
+def interpolations(x: Tensor, n: int | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Midpoints 0.5·(x_i + x_j) of random pairs i ≠ j of (test) images, as in JEM's OOD table.
 
     Args:
@@ -440,8 +433,7 @@ def build_ood_sets(
             out[kind] = invert(base)
         else:
             raise JemlabError(
-                f"unknown OOD set kind {kind!r}; choose from uniform, gaussian, interp, vflip, "
-                "hflip, invert"
+                f"unknown OOD set kind {kind!r}; choose from uniform, gaussian, interp, vflip, hflip, invert"
             )
     return out
 

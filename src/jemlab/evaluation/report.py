@@ -176,9 +176,7 @@ def write_report(
     for fig_title, p in figures:
         p = Path(p)
         if not p.is_file():
-            raise JemlabError(
-                f"report figure {p} not found; write the PNG before building the report"
-            )
+            raise JemlabError(f"report figure {p} not found; write the PNG before building the report")
         figs.append((fig_title, p))
 
     metrics_path = write_metrics_json(metrics, out / "metrics.json")
@@ -198,10 +196,7 @@ def write_report(
     for name, rows in sections:
         parts.append(f"<h2>{html.escape(name)}</h2><table><tr><th>metric</th><th>value</th></tr>")
         for k, v in rows:
-            parts.append(
-                f"<tr><td>{html.escape(k)}</td><td "
-                f'class="v">{html.escape(format_value(v))}</td></tr>'
-            )
+            parts.append(f'<tr><td>{html.escape(k)}</td><td class="v">{html.escape(format_value(v))}</td></tr>')
         parts.append("</table>")
     if figs:
         parts.append("<h2>Figures</h2>")

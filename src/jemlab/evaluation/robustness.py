@@ -171,10 +171,8 @@ def pgd_attack(
         for _ in range(steps):
             per, g = loss_and_grad(xa)
             update_best(xa, per)
-            if norm == "linf":
-                xa = xa + alpha * g.sign()
-            else:
-                xa = xa + alpha * g / _flat_norm(g).clamp_min(1e-12)
+            step = g.sign() if norm == "linf" else g / _flat_norm(g).clamp_min(1e-12)
+            xa = xa + alpha * step
             xa = _project(xa, x0, eps_m, norm)
         with torch.no_grad():
             per = torch.zeros(x0.shape[0], device=x0.device)
@@ -186,9 +184,7 @@ def pgd_attack(
 
 def _predict(logits_fn: LogitsFn, x: Tensor, batch_size: int) -> Tensor:
     with torch.no_grad():
-        return torch.cat(
-            [logits_fn(x[i : i + batch_size]).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-        )
+        return torch.cat([logits_fn(x[i : i + batch_size]).argmax(1).cpu() for i in range(0, len(x), batch_size)])
 
 
 def evaluate_attack(
@@ -388,9 +384,7 @@ def langevin_defence(
     return defend
 
 
-def defended_logits_fn(
-    logits_fn: LogitsFn, defend: Callable[[Tensor], Tensor], n_chains: int = 5
-) -> LogitsFn:
+def defended_logits_fn(logits_fn: LogitsFn, defend: Callable[[Tensor], Tensor], n_chains: int = 5) -> LogitsFn:
     """Classifier that refines the input with ``defend`` and averages logits over ``n_chains``
     chains.
 

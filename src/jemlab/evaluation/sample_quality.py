@@ -112,9 +112,7 @@ def frechet_distance_from_features(features1: ArrayLike, features2: ArrayLike) -
     return frechet_distance(mu1, s1, mu2, s2)
 
 
-def polynomial_mmd2_unbiased(
-    x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0
-) -> float:
+def polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0) -> float:
     """Unbiased MMD² with the polynomial kernel k(a, b) = (a·b / d + coef0)^degree.
 
     Args:
@@ -165,9 +163,7 @@ def kernel_inception_distance(
     """
     f1, f2 = to_numpy(features1, np.float64), to_numpy(features2, np.float64)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
-        raise JemlabError(
-            f"KID needs two (N, D) feature sets of equal D, got {f1.shape} and {f2.shape}"
-        )
+        raise JemlabError(f"KID needs two (N, D) feature sets of equal D, got {f1.shape} and {f2.shape}")
     m = min(subset_size, f1.shape[0], f2.shape[0])
     rng = np.random.default_rng(seed)
     vals = []
@@ -242,9 +238,7 @@ def sample_class_accuracy(
     return {"accuracy": float(correct.mean()), "per_class_accuracy": per}
 
 
-def extract_features(
-    feature_fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 256
-) -> np.ndarray:
+def extract_features(feature_fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 256) -> np.ndarray:
     """Apply a feature extractor batch by batch under ``torch.no_grad()``.
 
     Args:
@@ -256,10 +250,7 @@ def extract_features(
         (N, D) float64 numpy features.
     """
     with torch.no_grad():
-        out = [
-            feature_fn(x[i : i + batch_size]).detach().cpu().double()
-            for i in range(0, len(x), batch_size)
-        ]
+        out = [feature_fn(x[i : i + batch_size]).detach().cpu().double() for i in range(0, len(x), batch_size)]
     return torch.cat(out).reshape(len(x), -1).numpy()
 
 
@@ -320,9 +311,7 @@ def image_grid(x: Tensor | np.ndarray, nrow: int | None = None, pad: int = 2) ->
     return grid
 
 
-def plot_image_grid(
-    x: Tensor | np.ndarray, path: str | Path, *, nrow: int | None = None, title: str = ""
-) -> Path:
+def plot_image_grid(x: Tensor | np.ndarray, path: str | Path, *, nrow: int | None = None, title: str = "") -> Path:
     """Save a grid of images (N, C, H, W) in [-1, 1] as PNG.
 
     Args:
@@ -338,11 +327,9 @@ def plot_image_grid(
 
     grid = image_grid(x, nrow)
     h, w = grid.shape[:2]
-    scale = max(3.0 / max(h, w) * 100, 1.0)
-    fig = Figure(
-        figsize=(max(w * scale / 100, 2.0), max(h * scale / 100, 2.0) + (0.4 if title else 0)),
-        dpi=100,
-    )
+    width = 6.0
+    height = max(width * h / w, 1.0) + (0.4 if title else 0.0)
+    fig = Figure(figsize=(width, height), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(grid, interpolation="nearest")
     ax.axis("off")

@@ -114,9 +114,7 @@ class SuiteOptions:
             raise JemlabError(f"unknown suite parts {sorted(unknown)}; choose from {list(_PARTS)}")
         bad = set(self.ood_scores) - set(ood.SCORE_FUNCTIONS)
         if bad:
-            raise JemlabError(
-                f"unknown OOD scores {sorted(bad)}; choose from {sorted(ood.SCORE_FUNCTIONS)}"
-            )
+            raise JemlabError(f"unknown OOD scores {sorted(bad)}; choose from {sorted(ood.SCORE_FUNCTIONS)}")
         if set(self.pgd_norms) - {"linf", "l2"}:
             raise JemlabError(f"pgd_norms must be 'linf' and/or 'l2', got {list(self.pgd_norms)}")
         for name in ("n_test", "n_ood", "batch_size", "pgd_steps", "pgd_restarts", "sample_batch"):
@@ -249,9 +247,7 @@ def run_suite(
     try:
         test = _split(splits, "test")
         if test is None:
-            raise JemlabError(
-                "splits has no 'test' dataset; pass splits with .test (and ideally .val)"
-            )
+            raise JemlabError("splits has no 'test' dataset; pass splits with .test (and ideally .val)")
         x_test, y_test = _load(test, opts.n_test, gen, opts.batch_size)
         logits_test = _logits(model, x_test, opts.batch_size, device)
         num_classes = int(logits_test.shape[1])
@@ -302,20 +298,24 @@ def run_suite(
             scaled = cal.calibration_metrics(
                 cal.apply_temperature(logits_eval, temperature), y_eval, opts.calibration_bins
             )
+            at_bound = abs(math.log(temperature)) > 4.99
+            if at_bound:
+                notes.append(
+                    f"Temperature scaling hit its search bound (T = {temperature:.3g}): the fitted "
+                    "NLL keeps falling as T moves further, e.g. because every validation example is "
+                    "classified correctly; the scaled calibration numbers are not meaningful."
+                )
             metrics["calibration"] = {
                 "temperature": temperature,
+                "temperature_at_search_bound": at_bound,
                 "temperature_fitted_on": fit_src,
                 "raw": {k: v for k, v in raw.items() if k != "reliability"},
                 "temperature_scaled": {k: v for k, v in scaled.items() if k != "reliability"},
                 "reliability_raw": raw["reliability"],
             }
-            rd_raw = cal.reliability_data(
-                *cal.confidence_and_correctness(logits_eval, y_eval), opts.calibration_bins
-            )
+            rd_raw = cal.reliability_data(*cal.confidence_and_correctness(logits_eval, y_eval), opts.calibration_bins)
             rd_ts = cal.reliability_data(
-                *cal.confidence_and_correctness(
-                    cal.apply_temperature(logits_eval, temperature), y_eval
-                ),
+                *cal.confidence_and_correctness(cal.apply_temperature(logits_eval, temperature), y_eval),
                 opts.calibration_bins,
             )
             figures.append(
@@ -376,11 +376,7 @@ def run_suite(
                     )
                 )
             if "log_px" in score_cache and "energy" in score_cache:
-                same = bool(
-                    torch.allclose(
-                        score_cache["log_px"], score_cache["energy"], rtol=1e-4, atol=1e-4
-                    )
-                )
+                same = bool(torch.allclose(score_cache["log_px"], score_cache["energy"], rtol=1e-4, atol=1e-4))
                 ood_metrics["energy_equals_log_px"] = same
                 if not same:
                     notes.append(
@@ -416,9 +412,7 @@ def run_suite(
                     init_noise_std=opts.defence_init_noise,
                     generator=None,
                 )
-                defended = _on(
-                    rob.defended_logits_fn(model.logits, defend, opts.defence_chains), device
-                )
+                defended = _on(rob.defended_logits_fn(model.logits, defend, opts.defence_chains), device)
             for norm in opts.pgd_norms:
                 eps_list = opts.pgd_eps_linf if norm == "linf" else opts.pgd_eps_l2
                 attack_kw = dict(
@@ -427,11 +421,7 @@ def run_suite(
                     generator=gen,
                     batch_size=opts.batch_size,
                 )
-                curves = {
-                    "undefended": rob.robustness_curve(
-                        plain, x_r, y_r, eps_list, norm=norm, **attack_kw
-                    )
-                }
+                curves = {"undefended": rob.robustness_curve(plain, x_r, y_r, eps_list, norm=norm, **attack_kw)}
                 if defended is not None:
                     curves[f"SGLD defence K={opts.defence_steps}"] = rob.robustness_curve(
                         defended,
@@ -507,9 +497,7 @@ def run_suite(
     notes.extend(opts.extra_notes)
     timing["total"] = time.monotonic() - t_start
     metrics["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
-    write_report(
-        out, metrics, figures, notes, title=f"jemlab evaluation: {opts.dataset_name or 'model'}"
-    )
+    write_report(out, metrics, figures, notes, title=f"jemlab evaluation: {opts.dataset_name or 'model'}")
     return metrics
 
 
@@ -584,9 +572,7 @@ def _evaluate_samples(
     figures.append(
         (
             "Unconditional samples",
-            sq.plot_image_grid(
-                x_u[:64], fig_dir / "samples_unconditional.png", title="unconditional samples"
-            ),
+            sq.plot_image_grid(x_u[:64], fig_dir / "samples_unconditional.png", title="unconditional samples"),
         )
     )
 
@@ -595,21 +581,17 @@ def _evaluate_samples(
     if opts.conditional_samples:
         labels_c = torch.arange(opts.n_samples) % num_classes
         try:
-            x_c = _generate(
-                sample_fn, opts.n_samples, labels_c, opts.sample_batch, gen, shape
-            ).clamp(-1, 1)
+            x_c = _generate(sample_fn, opts.n_samples, labels_c, opts.sample_batch, gen, shape).clamp(-1, 1)
         except (NotImplementedError, TypeError, ValueError, JemlabError) as exc:
             notes.append(f"Class-conditional samples skipped: sample_fn refused labels ({exc}).")
             x_c, labels_c = None, None
     if x_c is not None and labels_c is not None:
         logits_c = _logits(model, x_c, opts.batch_size, device)
-        res["conditional"] = {
-            "model_accuracy": sq.sample_class_accuracy(logits_c, labels_c, num_classes)
-        }
+        res["conditional"] = {"model_accuracy": sq.sample_class_accuracy(logits_c, labels_c, num_classes)}
         order = torch.argsort(labels_c[: min(len(labels_c), 10 * num_classes)], stable=True)
         figures.append(
             (
-                "Class-conditional samples (one column per class)",
+                "Class-conditional samples (one row per class)",
                 sq.plot_image_grid(
                     x_c[order],
                     fig_dir / "samples_conditional.png",
@@ -642,21 +624,13 @@ def _evaluate_samples(
         )
         with torch.no_grad():
             fn_logits_test = torch.cat(
-                [
-                    fnet(x_test[i : i + opts.batch_size].to(device)).cpu()
-                    for i in range(0, len(x_test), opts.batch_size)
-                ]
+                [fnet(x_test[i : i + opts.batch_size].to(device)).cpu() for i in range(0, len(x_test), opts.batch_size)]
             )
             fn_logits_u = torch.cat(
-                [
-                    fnet(x_u[i : i + opts.batch_size].to(device)).cpu()
-                    for i in range(0, len(x_u), opts.batch_size)
-                ]
+                [fnet(x_u[i : i + opts.batch_size].to(device)).cpu() for i in range(0, len(x_u), opts.batch_size)]
             )
         fq["feature_net_test_accuracy"] = cls.accuracy(fn_logits_test, y_test)
-        fq["class_histogram_entropy_feature_net"] = sq.class_histogram_entropy(
-            fn_logits_u, num_classes
-        )
+        fq["class_histogram_entropy_feature_net"] = sq.class_histogram_entropy(fn_logits_u, num_classes)
         # Noise floor: the same statistics between two real sets of the same size.
         val = _split(splits, "val")
         if val is not None and len(val) >= 2:
@@ -673,9 +647,7 @@ def _evaluate_samples(
             )
         if x_c is not None and labels_c is not None:
             f_c = feats(x_c)
-            fq["frechet_conditional"] = sq.frechet_distance_from_features(
-                f_test[:n_ref], f_c[:n_ref]
-            )
+            fq["frechet_conditional"] = sq.frechet_distance_from_features(f_test[:n_ref], f_c[:n_ref])
             fq["kid_conditional"] = dict(
                 zip(
                     ("mean", "std"),
@@ -685,14 +657,9 @@ def _evaluate_samples(
             )
             with torch.no_grad():
                 fn_logits_c = torch.cat(
-                    [
-                        fnet(x_c[i : i + opts.batch_size].to(device)).cpu()
-                        for i in range(0, len(x_c), opts.batch_size)
-                    ]
+                    [fnet(x_c[i : i + opts.batch_size].to(device)).cpu() for i in range(0, len(x_c), opts.batch_size)]
                 )
-            res["conditional"]["feature_net_accuracy"] = sq.sample_class_accuracy(
-                fn_logits_c, labels_c, num_classes
-            )
+            res["conditional"]["feature_net_accuracy"] = sq.sample_class_accuracy(fn_logits_c, labels_c, num_classes)
         meta = getattr(fnet, "meta", {}) or {}
         fq["feature_net_meta"] = dict(meta)
         res["feature_space"] = fq
