@@ -55,7 +55,7 @@ def test_course_cnn_has_256_features():
 
 
 def test_unknown_model_and_option_errors_list_choices():
-    with pytest.raises(ConfigError, match="choose one of: .*cnn"):
+    with pytest.raises(ConfigError, match=r"choose one of: .*cnn"):
         build_model("resnet9000", (1, 28, 28), 10)
     with pytest.raises(ConfigError, match="accepts: width"):
         build_model("cnn", (1, 28, 28), 10, options={"depth": 3})

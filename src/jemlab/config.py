@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +41,9 @@ class SamplerConfig:
     noise: float = 0.01  # σ, std of the Gaussian noise per step
     grad_clamp: float | None = None  # clip ∇E element-wise to ±c (proximal SGLD; course: 0.03)
     noise_first: bool = False  # add noise before the gradient step (course order)
-    persistent: bool = (
-        True  # draw chains from a replay buffer; False = fresh noise every iteration (SPEC S3)
-    )
+    persistent: bool = True  # draw chains from a replay buffer; False = fresh noise every iteration (SPEC S3)
     buffer_size: int = 10000
-    buffer_mode: str = (
-        "fixed"  # fixed (JEM: write back into the drawn slots) or queue (course: push in front)
-    )
+    buffer_mode: str = "fixed"  # fixed (JEM: write back into the drawn slots) or queue (course: push in front)
     reinit_prob: float = 0.05  # chance that a drawn chain restarts from the initialiser
     class_conditional: bool = False  # partition the buffer by class (needed for p(x|y) training)
     init: str = "uniform"  # chain initialiser
@@ -57,14 +54,10 @@ class SamplerConfig:
 @dataclass
 class ObjectiveConfig:
     ce: float = 1.0  # weight of log p(y|x)
-    px: float = (
-        1.0  # weight of log p(x) (contrastive divergence); 0 gives a plain softmax classifier
-    )
+    px: float = 1.0  # weight of log p(x) (contrastive divergence); 0 gives a plain softmax classifier
     pxy: float = 0.0  # weight of log p(x|y)
     energy_l2: float = 0.0  # weight of (E_data² + E_model²).mean(); 0.1 stabilises (SPEC S2)
-    input_noise: float = (
-        0.03  # std of Gaussian noise added to training inputs (JEM: 0.03; 0.1 is more stable)
-    )
+    input_noise: float = 0.03  # std of Gaussian noise added to training inputs (JEM: 0.03; 0.1 is more stable)
 
 
 @dataclass
@@ -208,10 +201,10 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     """Convert a string (from the command line) or JSON value to the annotated type."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], key)
     if annotation is bool:
@@ -242,9 +235,7 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{key} must be a comma-separated list, got {value!r}")
         item_type = args[0] if args else str
-        converted = tuple(
-            _convert(v.strip() if isinstance(v, str) else v, item_type, key) for v in items
-        )
+        converted = tuple(_convert(v.strip() if isinstance(v, str) else v, item_type, key) for v in items)
         if len(args) == 2 and args[1] is not Ellipsis and len(converted) != 2:
             raise ConfigError(f"{key} needs exactly 2 values, got {value!r}")
         return converted
@@ -290,8 +281,7 @@ def set_value(config: Config, key: str, value: Any) -> None:
         return
     if parts[0] not in _SECTIONS or len(parts) < 2:
         raise ConfigError(
-            f"unknown config key '{key}'; keys look like <section>.<name> with section one of: "
-            f"{', '.join(_SECTIONS)}"
+            f"unknown config key '{key}'; keys look like <section>.<name> with section one of: {', '.join(_SECTIONS)}"
         )
     section = getattr(config, parts[0])
     name = parts[1]
@@ -314,9 +304,7 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, str]]:
     out = []
     for pair in pairs:
         if "=" not in pair:
-            raise ConfigError(
-                f"--set expects key=value (e.g. --set sampler.steps=10), got '{pair}'"
-            )
+            raise ConfigError(f"--set expects key=value (e.g. --set sampler.steps=10), got '{pair}'")
         key, value = pair.split("=", 1)
         out.append((key.strip(), value.strip()))
     return out
@@ -350,9 +338,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         if section == "preset":
             continue
         if section not in _SECTIONS or not isinstance(values, dict):
-            raise ConfigError(
-                f"unknown config section '{section}'; sections: {', '.join(_SECTIONS)}"
-            )
+            raise ConfigError(f"unknown config section '{section}'; sections: {', '.join(_SECTIONS)}")
         for name, value in values.items():
             if section == "model" and name == "options":
                 config.model.options = dict(value)
@@ -370,9 +356,7 @@ def load_config_file(path: str | Path) -> Config:
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(
-            f"{path}: not valid JSON ({err}); fix or regenerate it with --dry-run"
-        ) from None
+        raise ConfigError(f"{path}: not valid JSON ({err}); fix or regenerate it with --dry-run") from None
     return config_from_dict(data)
 
 
@@ -409,9 +393,7 @@ def validate_config(config: Config) -> None:
         s.buffer_mode in ("fixed", "queue"),
         f"sampler.buffer_mode must be fixed or queue, got '{s.buffer_mode}'",
     )
-    _check(
-        0.0 <= s.reinit_prob <= 1.0, f"sampler.reinit_prob must be in [0, 1], got {s.reinit_prob}"
-    )
+    _check(0.0 <= s.reinit_prob <= 1.0, f"sampler.reinit_prob must be in [0, 1], got {s.reinit_prob}")
     _check(
         s.batch_size is None or s.batch_size >= 1,
         f"sampler.batch_size must be >= 1, got {s.batch_size}",
@@ -461,9 +443,7 @@ def validate_config(config: Config) -> None:
         t.sample_every >= 1 and t.checkpoint_every >= 1,
         "train.sample_every and train.checkpoint_every must be >= 1",
     )
-    _check(
-        t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"
-    )
+    _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     _check(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
         f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'",

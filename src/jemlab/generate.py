@@ -68,10 +68,7 @@ def _buffer_predictions(source: SamplingSource, batch: int = 1000) -> torch.Tens
     model, images = source.model, source.buffer.images[: len(source.buffer)]
     was_training = model.training
     model.eval()
-    out = [
-        model.logits(images[i : i + batch].to(source.device)).float().cpu()
-        for i in range(0, len(images), batch)
-    ]
+    out = [model.logits(images[i : i + batch].to(source.device)).float().cpu() for i in range(0, len(images), batch)]
     model.train(was_training)
     return torch.cat(out).softmax(1)
 

@@ -20,9 +20,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def make_grid(
-    x: torch.Tensor, nrow: int | None = None, padding: int = 2, scale: int = 1
-) -> np.ndarray:
+def make_grid(x: torch.Tensor, nrow: int | None = None, padding: int = 2, scale: int = 1) -> np.ndarray:
     """Tile images into one uint8 array.
 
     Args:
@@ -40,9 +38,7 @@ def make_grid(
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)
     images = (to_unit(x).numpy() * 255).round().astype(np.uint8)
-    grid = np.full(
-        (c, rows * (h + padding) + padding, nrow * (w + padding) + padding), 255, np.uint8
-    )
+    grid = np.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), 255, np.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
         top, left = padding + r * (h + padding), padding + col * (w + padding)
@@ -52,9 +48,7 @@ def make_grid(
     return grid[0] if c == 1 else grid.transpose(1, 2, 0)
 
 
-def save_grid(
-    x: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None
-) -> Path:
+def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None) -> Path:
     """Save images in [−1, 1] as a PNG grid (small images are upscaled to stay legible)."""
     from PIL import Image
 
@@ -83,22 +77,16 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     try:
         with np.load(path, allow_pickle=False) as data:
             if "images" not in data:
-                raise JemlabError(
-                    f"{path}: no 'images' array; expected the jemlab .npz sample format"
-                )
+                raise JemlabError(f"{path}: no 'images' array; expected the jemlab .npz sample format")
             images = data["images"]
-            labels = data["labels"] if "labels" in data else None
+            labels = data.get("labels")
     except (OSError, ValueError) as err:
         raise JemlabError(f"{path}: not a readable .npz file ({err})") from None
     if images.ndim != 4 or images.dtype != np.float32:
-        raise JemlabError(
-            f"{path}: 'images' must be float32 (N, C, H, W), got {images.dtype} {images.shape}"
-        )
+        raise JemlabError(f"{path}: 'images' must be float32 (N, C, H, W), got {images.dtype} {images.shape}")
     if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
         raise JemlabError(f"{path}: 'images' must be finite values in [0, 1]")
     if labels is not None and (labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu"):
-        raise JemlabError(
-            f"{path}: 'labels' must be int (N,) matching images, got {labels.dtype} {labels.shape}"
-        )
+        raise JemlabError(f"{path}: 'labels' must be int (N,) matching images, got {labels.dtype} {labels.shape}")
     x = torch.from_numpy(images) * 2 - 1
     return x, None if labels is None else torch.from_numpy(labels.astype(np.int64))

@@ -1,0 +1,1 @@
+"""Benchmarks: speed and quality measurements, written as JSON with machine, torch version and git sha."""
