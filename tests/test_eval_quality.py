@@ -140,6 +140,7 @@ def test_feature_net_trains_saves_and_loads(tmp_path):
     assert raw[8:9] == b"{" and header_len < len(raw)  # safetensors, not pickle
     side = json.loads((tmp_path / "fnet.json").read_text())
     assert side["dataset"] == "toy" and side["epochs"] == 2 and side["widths"] == [8, 16, 32]
+    assert side["pool"] == "max"
     loaded = load_feature_net(path)
     torch.testing.assert_close(loaded.features(xt), feats.detach())
     assert loaded.meta["accuracy"] == net.meta["accuracy"]
@@ -232,13 +233,14 @@ def test_run_suite_end_to_end(tmp_path):
     assert set(metrics["samples"]["feature_space"]) >= {"frechet_unconditional", "kid_unconditional"}
     assert True in calls and False in calls
     out = tmp_path / "rep"
-    for name in ("metrics.json", "report.html", "report.md", "samples.npz"):
+    for name in ("metrics.json", "report.html", "report.md", "samples_unconditional.npz"):
         assert (out / name).is_file()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 8
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["classification"]["accuracy"] == metrics["classification"]["accuracy"]
-    npz = np.load(out / "samples.npz")
+    npz = np.load(out / "samples_conditional.npz")
+    assert npz["images"].shape == (40, 1, 8, 8) and npz["labels"].shape == (40,)
     assert npz["images"].min() >= 0 and npz["images"].max() <= 1 and npz["labels"].dtype == np.int64
     assert all(p.grad is None or p.grad.abs().sum() >= 0 for p in model.parameters())
 

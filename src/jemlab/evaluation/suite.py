@@ -601,11 +601,14 @@ def _evaluate_samples(
             )
         )
 
-    arrays: dict[str, np.ndarray] = {"images": ((x_u.numpy() + 1.0) / 2.0).astype(np.float32)}
+    # Sample exchange format (SPEC): float32 images in [0, 1], int64 labels for class-conditional samples.
+    np.savez_compressed(out / "samples_unconditional.npz", images=((x_u.numpy() + 1.0) / 2.0).astype(np.float32))
     if x_c is not None and labels_c is not None:
-        arrays["conditional_images"] = ((x_c.numpy() + 1.0) / 2.0).astype(np.float32)
-        arrays["labels"] = labels_c.numpy().astype(np.int64)
-    np.savez_compressed(out / "samples.npz", **arrays)
+        np.savez_compressed(
+            out / "samples_conditional.npz",
+            images=((x_c.numpy() + 1.0) / 2.0).astype(np.float32),
+            labels=labels_c.numpy().astype(np.int64),
+        )
 
     if feature_net is not None:
         fnet = feature_net.to(device).eval() if hasattr(feature_net, "eval") else feature_net
