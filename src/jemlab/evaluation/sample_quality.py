@@ -207,7 +207,7 @@ def class_histogram_entropy(labels_or_logits: ArrayLike, num_classes: int) -> fl
     counts = class_histogram(labels_or_logits, num_classes).astype(np.float64)
     p = counts / max(counts.sum(), 1.0)
     nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum() / math.log(num_classes))
+    return float(-(nz * np.log(nz)).sum() / math.log(num_classes)) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def sample_class_accuracy(

@@ -238,10 +238,8 @@ def run_suite(
     timing: dict[str, float] = {}
     notes: list[str] = [
         f"dataset: {opts.dataset_name or 'unspecified'}; seed {opts.seed}; images in [-1, 1].",
-        "Energy E(x) = model.energy(x); log p(x) score = logsumexp of the logits (= -E(x) for "
-        "LogSumExp "
-        "energies); all OOD scores are higher = more in-distribution; in-distribution is the "
-        "positive class.",
+        "Energy E(x) = model.energy(x); log p(x) score = logsumexp of the logits (= -E(x) for LogSumExp "
+        "energies); all OOD scores are higher = more in-distribution; in-distribution is the positive class.",
     ]
 
     try:
@@ -452,14 +450,10 @@ def run_suite(
             )
             if defended is not None:
                 notes.append(
-                    f"JEM defence: {opts.defence_steps} SGLD steps (alpha "
-                    f"{opts.defence_step_size}, "
-                    f"sigma {opts.defence_noise}, start noise {opts.defence_init_noise}), "
-                    f"{opts.defence_chains} chain(s) averaged, attacked by differentiating "
-                    "through the "
-                    f"refinement with {opts.defence_eot} EOT sample(s) per step on "
-                    f"{opts.defence_n} "
-                    "images."
+                    f"JEM defence: {opts.defence_steps} SGLD steps (alpha {opts.defence_step_size}, sigma "
+                    f"{opts.defence_noise}, start noise {opts.defence_init_noise}), {opts.defence_chains} "
+                    "chain(s) averaged, attacked by differentiating through the refinement with "
+                    f"{opts.defence_eot} EOT sample(s) per step on {opts.defence_n} images."
                 )
             timing["robustness"] = time.monotonic() - t0
             say("robustness: done")
@@ -667,12 +661,9 @@ def _evaluate_samples(
         fq["feature_net_meta"] = dict(meta)
         res["feature_space"] = fq
         notes.append(
-            f"Fréchet distance/KID: {n_ref} test images vs {n_ref} samples in the feature net's "
-            "penultimate "
-            f"space (feature net: dataset {meta.get('dataset', '?')}, accuracy "
-            f"{meta.get('accuracy', '?')}); "
-            "KID = unbiased MMD^2 with k(x,y)=(x.y/d+1)^3, mean/std over subsets. Not Inception "
-            "FID: compare "
+            f"Fréchet distance/KID: {n_ref} test images vs {n_ref} samples in the feature net's penultimate "
+            f"space (feature net: dataset {meta.get('dataset', '?')}, accuracy {meta.get('accuracy', '?')}); "
+            "KID = unbiased MMD^2 with k(x,y)=(x.y/d+1)^3, mean/std over subsets. Not Inception FID: compare "
             "only across models scored with the same feature net and sample count."
         )
     else:
