@@ -31,8 +31,18 @@ def test_jem_preset_is_paper_recipe():
 
 
 def test_overrides_are_typed():
-    c = build_config("default", parse_overrides(["sampler.steps=7", "optim.betas=0,0.9", "sampler.grad_clamp=none",
-                                                 "model.width=24", "train.tensorboard=false"]))
+    c = build_config(
+        "default",
+        parse_overrides(
+            [
+                "sampler.steps=7",
+                "optim.betas=0,0.9",
+                "sampler.grad_clamp=none",
+                "model.width=24",
+                "train.tensorboard=false",
+            ]
+        ),
+    )
     assert c.sampler.steps == 7 and c.optim.betas == (0.0, 0.9) and c.sampler.grad_clamp is None
     assert c.model.options["width"] == 24 and c.train.tensorboard is False
 

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", help="dataset name (fashion-mnist, mnist, mnist-5k, cifar10, cifar100, svhn)")
     g.add_argument("--data-dir", help="folder holding the dataset files (searched before the cache and system)")
     g.add_argument(
+        "--val-size",
+        type=_nonneg_int,
+        help="validation images held out of the training set (default: min(5000, a tenth of it))",
+    )
+    g.add_argument("--limit", type=_positive_int, help="train on only this many images (quick runs)")
+    g.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -147,6 +153,8 @@ def _train_config(args: argparse.Namespace):
     flag_keys = {
         "dataset": "data.dataset",
         "data_dir": "data.data_dir",
+        "val_size": "data.val_size",
+        "limit": "data.limit",
         "minutes": "train.minutes",
         "epochs": "train.epochs",
         "batch_size": "train.batch_size",

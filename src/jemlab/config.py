@@ -21,7 +21,7 @@ from jemlab.errors import ConfigError
 class DataConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None  # explicit folder with the dataset's files (searched first)
-    val_size: int = 5000  # images held out of the official training set for validation
+    val_size: int | None = None  # held-out validation images; None = min(5000, a tenth of the training set)
     limit: int | None = None  # use only this many training images (quick runs, tests)
     download: bool = True  # fetch from the official URLs if the files are nowhere on disk
 
@@ -382,7 +382,7 @@ def validate_config(config: Config) -> None:
         config.optim,
         config.train,
     )
-    _check(d.val_size >= 0, f"data.val_size must be >= 0, got {d.val_size}")
+    _check(d.val_size is None or d.val_size >= 0, f"data.val_size must be >= 0 or none, got {d.val_size}")
     _check(d.limit is None or d.limit > 0, f"data.limit must be > 0 or none, got {d.limit}")
     _check(
         m.energy_head in ("logsumexp", "separate"),

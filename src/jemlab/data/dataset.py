@@ -135,7 +135,7 @@ def split_train_val(
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
-    val_size: int,
+    val_size: int | None,
     seed: int,
     limit: int | None,
     what: str,
@@ -151,7 +151,8 @@ def split_train_val(
     Args:
         images: uint8 (N, C, H, W) official training images.
         labels: int64 (N,) official training labels.
-        val_size: number of images to hold out; 0 gives an empty validation set.
+        val_size: number of images to hold out; 0 gives an empty validation set; None picks
+            min(5000, N // 10), so small datasets such as mnist-5k keep most images for training.
         seed: seed of the split.
         limit: cap on the number of training images after the split; None for no cap.
         what: dataset name for error messages.
@@ -160,6 +161,8 @@ def split_train_val(
         ``(train, val)`` datasets.
     """
     n = int(labels.shape[0])
+    if val_size is None:
+        val_size = min(5000, n // 10)
     if val_size < 0:
         raise ConfigError(f"val_size must be >= 0, got {val_size}; pass --val-size 0 or more")
     if limit is not None and limit <= 0:

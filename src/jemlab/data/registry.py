@@ -63,7 +63,7 @@ def load_dataset(
     name: str,
     data_dir: str | os.PathLike | None = None,
     *,
-    val_size: int = 5000,
+    val_size: int | None = 5000,
     seed: int = 0,
     download: bool = True,
     limit: int | None = None,
@@ -77,7 +77,8 @@ def load_dataset(
     Args:
         name: dataset name, see ``available_datasets()``; case, ``-`` and ``_`` are ignored.
         data_dir: folder holding the dataset files, searched first.
-        val_size: images held out from the official training set for validation (0 for none).
+        val_size: images held out from the official training set for validation (0 for none; None for
+            min(5000, a tenth of the training set)).
         seed: seed of the validation split and of the ``limit`` subset.
         download: allow downloading missing files.
         limit: cap on the number of training images (a seeded random subset), for quick runs; None

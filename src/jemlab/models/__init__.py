@@ -58,9 +58,7 @@ def build_model(
     allowed = backbone_options(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ConfigError(
-            f"model '{name}' has no option(s) {', '.join(unknown)}; it accepts: {', '.join(allowed)}"
-        )
+        raise ConfigError(f"model '{name}' has no option(s) {', '.join(unknown)}; it accepts: {', '.join(allowed)}")
     channels, height, width = image_shape
     if height != width:
         raise ConfigError(f"images must be square, got {height}x{width}")

@@ -15,9 +15,7 @@ class CourseCNN(nn.Module):
     channels; 64·2·2 = 256 features.
     """
 
-    def __init__(
-        self, in_channels: int = 1, image_size: int = 28, hidden: int = 16, act: str = "swish"
-    ) -> None:
+    def __init__(self, in_channels: int = 1, image_size: int = 28, hidden: int = 16, act: str = "swish") -> None:
         super().__init__()
         c1, c2, c3 = hidden, 2 * hidden, 4 * hidden
         self.net = nn.Sequential(
@@ -32,9 +30,7 @@ class CourseCNN(nn.Module):
             nn.Flatten(),
         )
         with torch.no_grad():
-            self.feature_dim = self.net(torch.zeros(1, in_channels, image_size, image_size)).shape[
-                1
-            ]
+            self.feature_dim = self.net(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (N, feature_dim)

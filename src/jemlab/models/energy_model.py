@@ -21,9 +21,7 @@ class EnergyModel(nn.Module):
         energy_head: "logsumexp" (JEM, E = −logsumexp f(x)) or "separate" (SPEC S2, E = −h(x) for a scalar head).
     """
 
-    def __init__(
-        self, backbone: nn.Module, num_classes: int, energy_head: str = "logsumexp"
-    ) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, energy_head: str = "logsumexp") -> None:
         super().__init__()
         if energy_head not in ("logsumexp", "separate"):
             raise ConfigError(f"unknown energy_head '{energy_head}'; choose logsumexp or separate")
@@ -31,9 +29,7 @@ class EnergyModel(nn.Module):
         self.num_classes = num_classes
         self.energy_head = energy_head
         self.classifier = nn.Linear(backbone.feature_dim, num_classes)
-        self.density_head = (
-            nn.Linear(backbone.feature_dim, 1) if energy_head == "separate" else None
-        )
+        self.density_head = nn.Linear(backbone.feature_dim, 1) if energy_head == "separate" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x)

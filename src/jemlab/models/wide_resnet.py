@@ -13,9 +13,7 @@ from jemlab.models.layers import activation, normalization
 class _Block(nn.Module):
     """Pre-activation residual block: norm → act → conv → norm → act → (dropout) → conv, plus shortcut."""
 
-    def __init__(
-        self, c_in: int, c_out: int, stride: int, norm: str | None, act: str, dropout: float
-    ) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str | None, act: str, dropout: float) -> None:
         super().__init__()
         self.norm1 = normalization(norm, c_in)
         self.act1 = activation(act)
@@ -24,11 +22,7 @@ class _Block(nn.Module):
         self.act2 = activation(act)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.shortcut = (
-            nn.Identity()
-            if stride == 1 and c_in == c_out
-            else nn.Conv2d(c_in, c_out, 1, stride=stride)
-        )
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.act1(self.norm1(x)))
@@ -59,9 +53,7 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
-            raise ConfigError(
-                f"wide_resnet depth must be 6n+4 with n >= 1 (e.g. 10, 16, 28), got {depth}"
-            )
+            raise ConfigError(f"wide_resnet depth must be 6n+4 with n >= 1 (e.g. 10, 16, 28), got {depth}")
         blocks = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
         layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1)]

@@ -83,10 +83,7 @@ def jem_loss(
         if y_model_cond is None:
             raise ValueError("x_model_cond needs y_model_cond")
         logits_cond = logits[offset:]
-        cd_xy = (
-            joint_energy(logits_data, y_data).mean()
-            - joint_energy(logits_cond, y_model_cond).mean()
-        )
+        cd_xy = joint_energy(logits_data, y_data).mean() - joint_energy(logits_cond, y_model_cond).mean()
         loss = loss + weights.pxy * cd_xy
         stats["cd_xy"] = cd_xy.detach()
     if weights.energy_l2 > 0:

@@ -26,7 +26,5 @@ INITIALIZERS: dict[str, Callable[..., Initializer]] = {"uniform": uniform_init}
 def build_initializer(name: str, shape: tuple[int, ...], **kwargs) -> Initializer:
     """An initialiser by name; an unknown name lists the choices."""
     if name not in INITIALIZERS:
-        raise ConfigError(
-            f"unknown sampler.init '{name}'; choose one of: {', '.join(INITIALIZERS)}"
-        )
+        raise ConfigError(f"unknown sampler.init '{name}'; choose one of: {', '.join(INITIALIZERS)}")
     return INITIALIZERS[name](shape, **kwargs)

@@ -60,13 +60,9 @@ class ReplayBuffer:
         if mode not in ("fixed", "queue"):
             raise ConfigError(f"unknown buffer mode '{mode}'; choose fixed or queue")
         if class_conditional and (mode != "fixed" or not num_classes):
-            raise ConfigError(
-                "a class-conditional buffer needs buffer mode 'fixed' and num_classes"
-            )
+            raise ConfigError("a class-conditional buffer needs buffer mode 'fixed' and num_classes")
         if class_conditional and capacity < num_classes:
-            raise ConfigError(
-                f"buffer capacity {capacity} is smaller than the {num_classes} classes"
-            )
+            raise ConfigError(f"buffer capacity {capacity} is smaller than the {num_classes} classes")
         self.capacity = capacity
         self.shape = tuple(shape)
         self.init = init

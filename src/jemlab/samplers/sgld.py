@@ -71,9 +71,7 @@ def sgld(
             if bounds is not None:
                 x.clamp_(*bounds)
         x.requires_grad_(True)
-        with torch.autocast(
-            device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
-        ):
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             e = energy_fn(x)
         (grad,) = torch.autograd.grad(e.sum(), x)
         x = x.detach()
