@@ -51,26 +51,38 @@ def _start_points(
     if buffer.class_conditional:
         offsets = torch.randint(0, buffer.per_class, (n,), generator=generator)
         return buffer.images[labels * buffer.per_class + offsets].clone()
-    predicted = _buffer_predictions(source)
+    probs, energy = _buffer_scores(source)
+    predicted = probs.argmax(1)
+    energy_cut = energy.quantile(0.25)
     starts = torch.empty((n, *buffer.shape))
     for c in labels.unique().tolist():
         rows = (labels == c).nonzero().squeeze(1)
-        candidates = (predicted.argmax(1) == c).nonzero().squeeze(1)
+        candidates = (predicted == c).nonzero().squeeze(1)
         if len(candidates) == 0:  # no image of this class in the buffer: take the most y-like ones
-            candidates = predicted[:, c].topk(min(len(predicted), 64)).indices
+            candidates = probs[:, c].topk(min(len(probs), 64)).indices
+        # Of those, keep the ones among the most probable quarter of the buffer: chains that never left the noise
+        # they started from also get a label, and they must not seed a class sample. Failing that, the 16 most
+        # probable candidates.
+        probable = candidates[energy[candidates] <= energy_cut]
+        candidates = probable if len(probable) > 0 else candidates[energy[candidates].argsort()[:16]]
         pick = candidates[torch.randint(0, len(candidates), (len(rows),), generator=generator)]
         starts[rows] = buffer.images[: len(buffer)][pick]
     return starts
 
 
 @torch.no_grad()
-def _buffer_predictions(source: SamplingSource, batch: int = 1000) -> torch.Tensor:
+def _buffer_scores(source: SamplingSource, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """p(y|x) (N, C) and E(x) (N,) of every image in the buffer."""
     model, images = source.model, source.buffer.images[: len(source.buffer)]
     was_training = model.training
     model.eval()
-    out = [model.logits(images[i : i + batch].to(source.device)).float().cpu() for i in range(0, len(images), batch)]
+    probs, energies = [], []
+    for i in range(0, len(images), batch):
+        logits, energy = model.logits_and_energy(images[i : i + batch].to(source.device))
+        probs.append(logits.float().softmax(1).cpu())
+        energies.append(energy.float().cpu())
     model.train(was_training)
-    return torch.cat(out).softmax(1)
+    return torch.cat(probs), torch.cat(energies)
 
 
 def generate(
