@@ -227,7 +227,7 @@ def train_feature_net(
         epochs_done = epoch + 1
         if log is not None:
             acc = _evaluate(net, xv, yv) if len(xv) else float("nan")
-            log(f"feature net epoch {epoch + 1}/{epochs}: loss {float(loss):.4f}, held-out acc {acc:.4f}")
+            log(f"feature net epoch {epoch + 1}/{epochs}: loss {float(loss.detach()):.4f}, held-out acc {acc:.4f}")
     acc = _evaluate(net, xv, yv) if len(xv) else float("nan")
     net.eval()
     net.meta = {

@@ -306,6 +306,7 @@ def langevin_refine(
     init_noise_std: float = 0.0,
     generator: torch.Generator | None = None,
     differentiable: bool = True,
+    grad_clamp: float | None = None,
 ) -> Tensor:
     """K steps of SGLD on the energy starting at x: x ← clamp(x − α∇ₓE(x) + σε, -1, 1).
 
@@ -323,6 +324,8 @@ def langevin_refine(
         init_noise_std: σ of the Gaussian noise added once before the first step.
         generator: Random generator for the noise.
         differentiable: Keep the graph through all steps.
+        grad_clamp: If set, clip ∇ₓE element-wise to ±c before the step (proximal SGLD, as in
+            the sampler config of models trained that way).
 
     Returns:
         Refined images in [-1, 1].
@@ -339,6 +342,8 @@ def langevin_refine(
             if not xk.requires_grad:
                 xk = xk.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(energy_fn(xk).sum(), [xk], create_graph=differentiable)
+            if grad_clamp is not None:
+                g = g.clamp(-grad_clamp, grad_clamp)
             xk = xk - step_size * g + noise_like(xk, noise_std)
             xk = xk.clamp(_LOW, _HIGH)
             if not differentiable:
@@ -354,6 +359,7 @@ def langevin_defence(
     noise_std: float = 0.01,
     init_noise_std: float = 0.03,
     generator: torch.Generator | None = None,
+    grad_clamp: float | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """A differentiable ``defend(x)`` callable built on :func:`langevin_refine` (JEM defaults).
 
@@ -364,6 +370,7 @@ def langevin_defence(
         noise_std: Per-step noise σ.
         init_noise_std: Start noise σ (JEM's ``--sigma`` = 0.03).
         generator: Random generator.
+        grad_clamp: Optional element-wise gradient clip (see :func:`langevin_refine`).
 
     Returns:
         ``defend(x) -> x_refined``.
@@ -379,6 +386,7 @@ def langevin_defence(
             init_noise_std=init_noise_std,
             generator=generator,
             differentiable=True,
+            grad_clamp=grad_clamp,
         )
 
     return defend
