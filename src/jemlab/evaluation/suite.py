@@ -446,6 +446,11 @@ def run_suite(
                     batch_size=opts.batch_size,
                 )
                 curves = {"undefended": rob.robustness_curve(plain, x_r, y_r, eps_list, norm=norm, **attack_kw)}
+                if defended is not None and opts.defence_n < len(x_r):
+                    # The defence is attacked on fewer images; compare it with the plain classifier on those.
+                    curves[f"undefended, same {opts.defence_n} images"] = rob.robustness_curve(
+                        plain, x_r[: opts.defence_n], y_r[: opts.defence_n], eps_list, norm=norm, **attack_kw
+                    )
                 if defended is not None:
                     curves[f"SGLD defence K={opts.defence_steps}"] = rob.robustness_curve(
                         defended,
