@@ -78,7 +78,8 @@ def test_eval_all_writes_report_json_and_cache(runs, tmp_path, monkeypatch, caps
     assert ood["energy_equals_log_px"] is True  # LogSumExp energy: the two scores are one function
     # Robustness: plain and defended curves, the defence attacked through its refinement.
     rob = metrics["robustness"]
-    assert set(rob["linf"]) == {"undefended", "SGLD defence K=2"} and rob["linf"]["undefended"]["eps"][1] == 8 / 255
+    assert set(rob["linf"]) == {"undefended", "undefended, same 4 images", "SGLD defence K=2"}
+    assert rob["linf"]["undefended"]["eps"][1] == 8 / 255
     assert "EOT" in rob["protocol"]["defence"]["attack"] and rob["protocol"]["defence"]["step_size"] == 1.0
     # Samples: protocol next to the numbers; FD/KID in the feature space of a feature net trained now and cached.
     samples = metrics["samples"]

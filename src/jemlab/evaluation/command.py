@@ -318,13 +318,14 @@ def reference_feature_net(
     t0 = time.monotonic()
     net = train_reference_feature_net(splits, epochs=epochs, max_minutes=max_minutes, seed=seed, log=log)
     seconds = time.monotonic() - t0
+    epochs_done, n_train = float(net.meta.get("epochs", 0.0)), net.meta.get("n_train")
     save_feature_net(net, path, meta={"source": getattr(splits, "source", ""), "accuracy_split": "test"})
     info.update(
         trained_now=True,
         train_seconds=round(seconds, 1),
         accuracy=net.meta.get("accuracy"),
         note=(
-            f"feature net trained now in {seconds:.0f} s ({net.meta.get('epochs')} epochs on {net.meta.get('n_train')} "
+            f"feature net trained now in {seconds:.0f} s ({epochs_done:.2f} epochs on {n_train} "
             f"images, test accuracy {net.meta.get('accuracy')}) and cached at {path}"
         ),
     )

@@ -16,14 +16,14 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "n_val": 1000,
     "n_ood": 1000,
     "batch_size": 250,
-    "pgd_n": 200,
+    "pgd_n": 500,
     "pgd_steps": 10,
     "pgd_restarts": 1,
     "pgd_norms": ("linf", "l2"),
     "eps_linf": (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.1),
     "eps_l2": (0.0, 0.25, 0.5, 1.0),
     "defence_steps": 10,  # JEM's K = 10 (Grathwohl et al., 2020, Fig. 6)
-    "defence_n": 50,
+    "defence_n": 100,
     "defence_chains": 1,
     "defence_eot": 1,
     "defence_init_noise": 0.03,  # JEM's attack_model.py --sigma
