@@ -46,9 +46,20 @@ class SamplerConfig:
     buffer_mode: str = "fixed"  # fixed (JEM: write back into the drawn slots) or queue (course: push in front)
     reinit_prob: float = 0.05  # chance that a drawn chain restarts from the initialiser
     class_conditional: bool = False  # partition the buffer by class (needed for p(x|y) training)
-    init: str = "uniform"  # chain initialiser
+    init: str = "uniform"  # chain initialiser: uniform (JEM) or gaussian (JEM++: per-class Gaussians of the data)
+    init_covariance: str = "diag"  # gaussian init: diag, lowrank or full (full stores K·D² floats)
+    init_rank: int = 32  # gaussian init with lowrank covariance: principal directions kept per class
+    init_max_per_class: int | None = None  # gaussian init: fit on at most this many images per class
     batch_size: int | None = None  # negatives per iteration; None = the training batch size
-    precision: str = "fp32"  # fp32, or bf16 to evaluate the energy gradient under bfloat16 autocast
+    precision: str = "fp32"  # fp32, bf16 (CPU/GPU) or fp16 (GPU): dtype of the energy-gradient evaluation
+    impl: str = "reference"  # reference (the plain sgld function) or fast (samplers/fast.py: same math, faster)
+    chain_groups: int = 1  # impl=fast on CPU: step this many groups of chains concurrently, one thread each; 0 = one
+    # per torch thread. Needs per-sample energies (no BatchNorm in training mode).
+    compile: bool = False  # impl=fast: torch.compile the energy-gradient step (falls back to eager if it fails)
+    cuda_graph: bool = False  # impl=fast on a GPU: replay the step as a CUDA graph (no per-step launch overhead)
+    pyld_steps: int = 0  # JEM++ PYLD: first-layer-only inner steps after each full SGLD step (0 = plain SGLD)
+    pyld_step_size: float = 0.2  # PYLD inner step size (JEM++ CIFAR-10: 0.2)
+    pyld_clamp: float | None = 1.0  # PYLD: clip the inner gradient element-wise to ±c (JEM++: 1)
 
 
 @dataclass
@@ -156,6 +167,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampler.noise_first": True,
         "sampler.buffer_size": 8192,
         "sampler.buffer_mode": "queue",
+        # The same chain, executed faster (docs/sampling.md): bf16 network, NHWC layout, one group of chains per
+        # CPU thread. Set sampler.impl=reference sampler.precision=fp32 train.channels_last=false for the original.
+        "sampler.impl": "fast",
+        "sampler.precision": "bf16",
+        "sampler.chain_groups": 0,
+        "train.channels_last": True,
         "objective.energy_l2": 0.1,
         "objective.input_noise": 0.005,
         "optim.lr": 1e-4,
@@ -190,6 +207,65 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim.milestones": (160, 180),
         "optim.gamma": 0.3,
         "train.epochs": 200,
+        "train.log_every": 100,
+    },
+    # SPEC S4, JEM++ (Yang & Ji, ICCV 2021) for Fashion-MNIST/MNIST on a 2-core CPU: the default preset's network,
+    # objective and optimiser, with JEM++'s sampler: informative initialisation from per-class Gaussians (full
+    # covariance at 28×28) and K = 5 proximal SGLD steps (gradient clipped to ±1, no noise, as in the authors' code
+    # sndnyang/JEMPP), run by the fast sampler with one group of chains per CPU thread. PYLD is off here: on this
+    # 4-layer CNN the first layer is ~20% of a full step (it is <1% of WRN-28-10), so its inner steps cost more
+    # than they save on a CPU; turn it on with sampler.pyld_steps=5 (jempp-cifar10 does).
+    "jempp": {
+        "model.name": "cnn",
+        "model.options": {"width": 16, "features": 256, "act": "swish"},
+        "sampler.steps": 5,
+        "sampler.step_size": 1.0,
+        "sampler.noise": 0.0,
+        "sampler.grad_clamp": 1.0,
+        "sampler.init": "gaussian",
+        "sampler.init_covariance": "full",
+        "sampler.buffer_size": 5000,
+        "sampler.batch_size": 64,
+        "sampler.precision": "bf16",
+        "sampler.impl": "fast",
+        "sampler.chain_groups": 0,
+        "objective.px": 0.3,
+        "objective.energy_l2": 0.01,
+        "objective.input_noise": 0.03,
+        "optim.lr": 1e-3,
+        "optim.warmup_steps": 200,
+        "train.batch_size": 128,
+        "train.channels_last": True,
+    },
+    # SPEC S4, JEM++ on CIFAR-10 as in the authors' script (sndnyang/JEMPP scripts/jempp_cifar10.sh): WRN-28-10
+    # with BatchNorm, M = 5 SGLD steps with 5 PYLD inner steps of size 0.2 (clip ±1), no noise, informative
+    # initialisation (a rank-100 + diagonal covariance per class instead of their full 3072×3072 one, which would
+    # put 380 MB into every checkpoint), SGD lr 0.1 momentum 0.9, weight decay 4e-4, 1,000 warm-up iterations,
+    # 150 epochs with lr × 0.2 at 50, 100 and 125, batch 64, input noise 0.03, buffer 10,000 with 5% re-init.
+    "jempp-cifar10": {
+        "data.dataset": "cifar10",
+        "model.name": "wide_resnet",
+        "model.options": {"depth": 28, "widen": 10, "norm": "batch", "act": "leaky_relu"},
+        "sampler.steps": 5,
+        "sampler.step_size": 1.0,
+        "sampler.noise": 0.0,
+        "sampler.grad_clamp": 1.0,
+        "sampler.pyld_steps": 5,
+        "sampler.pyld_step_size": 0.2,
+        "sampler.pyld_clamp": 1.0,
+        "sampler.init": "gaussian",
+        "sampler.init_covariance": "lowrank",
+        "sampler.init_rank": 100,
+        "sampler.impl": "fast",
+        "optim.name": "sgd",
+        "optim.lr": 0.1,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 4e-4,
+        "optim.warmup_steps": 1000,
+        "optim.schedule": "multistep",
+        "optim.milestones": (50, 100, 125),
+        "optim.gamma": 0.2,
+        "train.epochs": 150,
         "train.log_every": 100,
     },
 }
@@ -406,8 +482,37 @@ def validate_config(config: Config) -> None:
         f"sampler.batch_size must be >= 1, got {s.batch_size}",
     )
     _check(
-        s.precision in ("fp32", "bf16"),
-        f"sampler.precision must be fp32 or bf16, got '{s.precision}'",
+        s.precision in ("fp32", "bf16", "fp16"),
+        f"sampler.precision must be fp32, bf16 or fp16, got '{s.precision}'",
+    )
+    _check(
+        s.init in ("uniform", "gaussian"),
+        f"sampler.init must be uniform or gaussian, got '{s.init}'",
+    )
+    _check(
+        s.init_covariance in ("diag", "lowrank", "full"),
+        f"sampler.init_covariance must be diag, lowrank or full, got '{s.init_covariance}'",
+    )
+    _check(s.init_rank >= 1, f"sampler.init_rank must be >= 1, got {s.init_rank}")
+    _check(
+        s.init_max_per_class is None or s.init_max_per_class >= 2,
+        f"sampler.init_max_per_class must be >= 2 or none, got {s.init_max_per_class}",
+    )
+    _check(s.impl in ("reference", "fast"), f"sampler.impl must be reference or fast, got '{s.impl}'")
+    _check(
+        not ((s.compile or s.cuda_graph) and s.impl != "fast"),
+        "sampler.compile and sampler.cuda_graph need sampler.impl=fast",
+    )
+    _check(s.chain_groups >= 0, f"sampler.chain_groups must be >= 0 (0 = one per CPU thread), got {s.chain_groups}")
+    _check(
+        s.chain_groups == 1 or s.impl == "fast",
+        "sampler.chain_groups other than 1 needs sampler.impl=fast",
+    )
+    _check(s.pyld_steps >= 0, f"sampler.pyld_steps must be >= 0, got {s.pyld_steps}")
+    _check(s.pyld_step_size > 0, f"sampler.pyld_step_size must be > 0, got {s.pyld_step_size}")
+    _check(
+        s.pyld_clamp is None or s.pyld_clamp > 0,
+        f"sampler.pyld_clamp must be > 0 or none, got {s.pyld_clamp}",
     )
     _check(
         not (s.class_conditional and s.buffer_mode != "fixed"),

@@ -11,8 +11,8 @@ import torch
 from jemlab.config import Config, config_from_dict
 from jemlab.errors import CheckpointError
 from jemlab.models import EnergyModel, build_model
-from jemlab.samplers import ReplayBuffer, build_initializer
-from jemlab.samplers.init import Initializer
+from jemlab.samplers import ReplayBuffer
+from jemlab.samplers.init import Initializer, initializer_from_config
 from jemlab.training.checkpoint import load_checkpoint, resolve_checkpoint
 from jemlab.training.loop import resolve_device
 
@@ -61,7 +61,7 @@ def load_run(path: str | Path, device: str = "auto") -> LoadedRun:
     model = model.to(dev).eval()
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    init = build_initializer(config.sampler.init, image_shape)
+    init = initializer_from_config(config.sampler, image_shape, num_classes=num_classes, state=state.get("init"))
     buffer = None
     if state.get("buffer") is not None:
         s = config.sampler

@@ -15,6 +15,8 @@ from torch import nn
 from jemlab.config import SamplerConfig
 from jemlab.models import EnergyModel
 from jemlab.samplers import SGLDStats, sgld
+from jemlab.samplers.fast import fast_sgld
+from jemlab.samplers.pyld import pyld, split_first_layer
 
 
 @contextmanager
@@ -47,12 +49,13 @@ def run_chains(
     Args:
         model: the energy model (its parameters are frozen for the duration).
         x_init: (N, C, H, W) starting points in [−1, 1].
-        cfg: sampler settings (steps, α, σ, clipping, order, precision).
+        cfg: sampler settings (steps, α, σ, clipping, order, precision, implementation, PYLD).
         labels: if given, sample p(x|y) with the joint energy for these classes.
         steps, step_size, noise: override the config for this call (e.g. longer chains at generation time).
         generator: random source for the Langevin noise.
         channels_last: hand the chains to the model in NHWC layout.
     """
+    energy_for_rows = None
     if labels is None:
         energy_fn = model.energy
     else:
@@ -61,18 +64,41 @@ def run_chains(
         def energy_fn(x: torch.Tensor) -> torch.Tensor:
             return model.joint_energy(x, labels)
 
+        def energy_for_rows(rows: slice):  # the joint energy of a group of chains (fast sampler's chain groups)
+            return lambda x: model.joint_energy(x, labels[rows])
+
     if channels_last and x_init.dim() == 4:
         x_init = x_init.contiguous(memory_format=torch.channels_last)
-    autocast = torch.bfloat16 if cfg.precision == "bf16" else None
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    settings = {
+        "steps": cfg.steps if steps is None else steps,
+        "step_size": cfg.step_size if step_size is None else step_size,
+        "noise": cfg.noise if noise is None else noise,
+        "grad_clamp": cfg.grad_clamp,
+        "generator": generator,
+        "autocast_dtype": autocast,
+    }
     with frozen(model):
-        return sgld(
-            energy_fn,
-            x_init,
-            steps=cfg.steps if steps is None else steps,
-            step_size=cfg.step_size if step_size is None else step_size,
-            noise=cfg.noise if noise is None else noise,
-            grad_clamp=cfg.grad_clamp,
-            noise_first=cfg.noise_first,
-            generator=generator,
-            autocast_dtype=autocast,
-        )
+        if cfg.pyld_steps > 0:  # JEM++ PYLD (samplers/pyld.py); noise is added after each outer step
+            energy_and_features, first_layer = split_first_layer(model, energy_fn, x_init)
+            return pyld(
+                energy_and_features,
+                first_layer,
+                x_init,
+                inner_steps=cfg.pyld_steps,
+                inner_step_size=cfg.pyld_step_size,
+                inner_clamp=cfg.pyld_clamp,
+                **settings,
+            )
+        if cfg.impl == "fast":
+            return fast_sgld(
+                energy_fn,
+                x_init,
+                noise_first=cfg.noise_first,
+                chain_groups=cfg.chain_groups or torch.get_num_threads(),
+                energy_for_rows=energy_for_rows,
+                compile=cfg.compile,
+                cuda_graph=cfg.cuda_graph,
+                **settings,
+            )
+        return sgld(energy_fn, x_init, noise_first=cfg.noise_first, **settings)

@@ -21,7 +21,8 @@ from jemlab.errors import ConfigError, DivergenceError
 from jemlab.images import save_grid
 from jemlab.models import EnergyModel, build_model
 from jemlab.objectives import JEMWeights, jem_loss
-from jemlab.samplers import ReplayBuffer, build_initializer
+from jemlab.samplers import ReplayBuffer
+from jemlab.samplers.init import initializer_from_config, initializer_state
 from jemlab.sampling import run_chains
 from jemlab.training.checkpoint import load_checkpoint, save_run_checkpoint
 from jemlab.training.logging import MetricsWriter, progress_bar, setup_logger
@@ -150,7 +151,10 @@ class Trainer:
         s = config.sampler
         self.cpu_generator = torch.Generator().manual_seed(t.seed + 1)
         self.noise_generator = torch.Generator(device=self.device).manual_seed(t.seed + 2)
-        self.init = build_initializer(s.init, self.splits.image_shape)
+        # The chain initialiser; a data-fitted one (JEM++ class Gaussians) is fitted here and saved in checkpoints.
+        self.init = initializer_from_config(
+            s, self.splits.image_shape, data=self.splits.train, num_classes=self.splits.num_classes
+        )
         self.buffer: ReplayBuffer | None = None
         if s.persistent and (self.weights.px > 0 or self.weights.pxy > 0):
             self.buffer = ReplayBuffer(
@@ -177,6 +181,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "buffer": None if self.buffer is None else self.buffer.state_dict(),
+            "init": initializer_state(self.init),
             "batcher": self.batcher.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),

@@ -1,0 +1,288 @@
+"""SGLD step time: a plain eager loop against jemlab's sampler modes, interleaved in one process.
+
+    python -m benchmarks.sgld                                   # course CNN, batch 64, K = 20, all modes
+    python -m benchmarks.sgld --model cnn --rounds 30 --train   # default preset's network, plus training it/s
+
+Protocol. One process on an otherwise idle machine, torch's thread count set by ``--threads`` (default: all cores
+torch sees). The energy network is built once with a fixed seed and its parameters frozen; every mode refines the
+same starting batch (U[−1, 1] noise) with the course preset's sampler settings (K steps of size 10, gradient
+clipped to ±0.03, noise 0.005 added first). A *round* runs every mode once, in a fixed order, and times one chain of
+K steps per mode (``time.perf_counter`` around the call, so start-up costs inside the call are included). The first
+``--warmup`` rounds are discarded (this is where torch.compile compiles; its time is reported separately). We
+report, per mode, the median over rounds of the time per SGLD step, the spread as the interquartile range, the
+speed-up over the reference (ratio of medians), and achieved GFLOP/s = FLOPs per step (torch's FLOP counter on one
+eager step: forward and input-gradient backward) / median time, also as a fraction of the machine's fp32 peak.
+
+(a) ``reference``: the loop written the way the course code (UvA DL tutorial 8) and JEM's ``sample_q`` write it:
+parameters set to ``requires_grad=False``, ``x.requires_grad = True``, ``.backward()`` into ``x.grad``, in-place
+updates on ``x.data``, fp32, NCHW.
+(b) jemlab's ``run_chains`` with each sampler mode (``impl``, ``precision``, channels-last, ``compile``).
+
+With ``--train`` it also times full training iterations (negatives + loss + backward + Adam) of the course preset
+against an eager re-implementation of the course code's training iteration, interleaved the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import write_result
+from benchmarks.flops import count_flops, cpu_peak, measured_matmul_gflops
+from jemlab.config import SamplerConfig, build_config
+from jemlab.models import EnergyModel, build_model
+from jemlab.samplers import fast
+from jemlab.sampling import run_chains
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    impl: str = "fast"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    chain_groups: int = 1  # 0 = one group per torch thread
+
+
+MODES = {
+    m.name: m
+    for m in [
+        Mode("reference-sgld", impl="reference"),
+        Mode("fast-fp32"),
+        Mode("fast-fp32-nhwc", channels_last=True),
+        Mode("fast-bf16-nhwc", precision="bf16", channels_last=True),
+        Mode("fast-fp32-groups", chain_groups=0),
+        Mode("fast-bf16-nhwc-groups", precision="bf16", channels_last=True, chain_groups=0),
+        Mode("fast-fp32-compile", compile=True),
+        Mode("fast-bf16-nhwc-compile", precision="bf16", channels_last=True, compile=True),
+    ]
+}
+
+
+def reference_sgld(model: EnergyModel, x_init: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
+    """(a) The eager loop as the course code writes it (noise → clamp → gradient → clipped step → clamp)."""
+    for p in model.parameters():
+        p.requires_grad = False
+    x = x_init.clone()
+    x.requires_grad = True
+    noise = torch.randn(x.shape)
+    for _ in range(cfg.steps):
+        noise.normal_(0, cfg.noise)
+        x.data.add_(noise.data)
+        x.data.clamp_(min=-1.0, max=1.0)
+        energy = model.energy(x)
+        energy.sum().backward()
+        x.grad.data.clamp_(-cfg.grad_clamp, cfg.grad_clamp)
+        x.data.add_(-cfg.step_size * x.grad.data)
+        x.grad.detach_()
+        x.grad.zero_()
+        x.data.clamp_(min=-1.0, max=1.0)
+    for p in model.parameters():
+        p.requires_grad = True
+    return x.detach()
+
+
+def jemlab_sampler(model: EnergyModel, mode: Mode, cfg: SamplerConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(b) jemlab's `run_chains` in one mode, on its own copy of the model (layouts must not leak between modes)."""
+    sampler_cfg = replace(
+        cfg, impl=mode.impl, precision=mode.precision, compile=mode.compile, chain_groups=mode.chain_groups
+    )
+    if mode.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(0)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return run_chains(model, x, sampler_cfg, generator=generator, channels_last=mode.channels_last)[0]
+
+    return run
+
+
+def summarise(times: list[float], steps: int) -> dict[str, float]:
+    per_step = sorted(t / steps * 1e3 for t in times)
+    q = statistics.quantiles(per_step, n=4) if len(per_step) >= 2 else [per_step[0]] * 3
+    return {"median_ms": q[1], "q1_ms": q[0], "q3_ms": q[2], "min_ms": per_step[0], "n": len(per_step)}
+
+
+def time_modes(
+    runners: dict[str, Callable[[], object]], rounds: int, warmup: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Interleaved timing: every round calls every runner once. Returns per-runner times and warm-up times."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    warmup_s: dict[str, float] = {name: 0.0 for name in runners}
+    for r in range(warmup + rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            elapsed = time.perf_counter() - start
+            if r < warmup:
+                warmup_s[name] += elapsed
+            else:
+                times[name].append(elapsed)
+    return times, warmup_s
+
+
+def step_benchmark(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    shape = (1, 28, 28) if args.dataset != "cifar10" else (3, 32, 32)
+    config = build_config("course")
+    cfg = replace(config.sampler, steps=args.steps)
+    options = {} if args.model == "course_cnn" else {"width": 16, "features": 256, "act": "swish"}
+    head = "separate" if args.model == "course_cnn" else "logsumexp"
+    base = build_model(args.model, shape, 10, head, options).eval()
+    x0 = torch.rand((args.batch, *shape), generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def one_step() -> None:
+        x = x0.clone().requires_grad_(True)
+        base.energy(x).sum().backward()  # FlopCounterMode does not support autograd.grad on a leaf
+
+    for p in base.parameters():
+        p.requires_grad_(False)
+    flops_per_step = count_flops(one_step)
+    for p in base.parameters():
+        p.requires_grad_(True)
+
+    import copy
+
+    runners: dict[str, Callable[[], object]] = {}
+    ref_model = copy.deepcopy(base)
+    runners["reference-eager"] = lambda: reference_sgld(ref_model, x0, cfg)
+    for name in args.modes:
+        sampler = jemlab_sampler(copy.deepcopy(base), MODES[name], cfg)
+        runners[name] = lambda sampler=sampler: sampler(x0)
+    times, warmup_s = time_modes(runners, args.rounds, args.warmup)
+
+    peak = cpu_peak()
+    reference = summarise(times["reference-eager"], cfg.steps)["median_ms"]
+    table = {}
+    for name, t in times.items():
+        row = summarise(t, cfg.steps)
+        row["speedup"] = reference / row["median_ms"]
+        row["gflops"] = flops_per_step / (row["median_ms"] * 1e-3) / 1e9
+        row["fraction_of_fp32_peak"] = row["gflops"] / peak["fp32_peak_gflops"]
+        row["warmup_s"] = warmup_s[name]
+        table[name] = row
+    return {
+        "model": args.model,
+        "image_shape": list(shape),
+        "batch": args.batch,
+        "steps_per_chain": cfg.steps,
+        "sampler": {k: getattr(cfg, k) for k in ("step_size", "noise", "grad_clamp", "noise_first")},
+        "rounds": args.rounds,
+        "warmup_rounds": args.warmup,
+        "flops_per_step": flops_per_step,
+        "peak": {**peak, "measured_sgemm_gflops": measured_matmul_gflops()},
+        "compile_status": fast.compile_status(),
+        "table": table,
+    }
+
+
+def train_benchmark(args: argparse.Namespace) -> dict:
+    """Course preset training iterations/s: jemlab's Trainer against an eager re-implementation of the course code."""
+    import tempfile
+
+    from benchmarks.eager_course import EagerCourseTrainer
+    from jemlab.data import load_dataset
+    from jemlab.data.testing import write_idx_dataset
+    from jemlab.training.loop import Trainer
+
+    folder = Path(tempfile.mkdtemp()) / "data"
+    write_idx_dataset(folder, n_train=2000, n_test=100, seed=0)
+    splits = load_dataset("fashion-mnist", folder, val_size=100, seed=0, download=False)
+    overrides = [("train.progress", False), ("train.tensorboard", False), *[(k, v) for k, v in args.train_set]]
+    trainer = Trainer(build_config("course", overrides), None, splits=splits)
+    eager = EagerCourseTrainer(trainer.config, splits)
+    iterations = args.train_iterations
+
+    def run_jemlab() -> None:
+        for _ in range(iterations):
+            x, y = trainer.batcher.next_batch()
+            trainer.train_step(x, y, 0)
+
+    def run_eager() -> None:
+        for _ in range(iterations):
+            eager.train_step()
+
+    times, _ = time_modes({"eager-course": run_eager, "jemlab-course": run_jemlab}, args.train_rounds, 1)
+    rows = {}
+    for name, t in times.items():
+        its = sorted(iterations / s for s in t)
+        rows[name] = {"median_it_per_s": statistics.median(its), "min": its[0], "max": its[-1], "n": len(its)}
+    rows["jemlab-course"]["speedup"] = (
+        rows["jemlab-course"]["median_it_per_s"] / rows["eager-course"]["median_it_per_s"]
+    )
+    sampler = trainer.config.sampler
+    return {
+        "iterations_per_round": iterations,
+        "rounds": args.train_rounds,
+        "course_sampler": {k: getattr(sampler, k) for k in ("steps", "impl", "precision", "compile")},
+        "channels_last": trainer.config.train.channels_last,
+        "table": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    """The README table."""
+    step = result["step"]
+    lines = [
+        f"SGLD step, `{step['model']}`, batch {step['batch']}, {result['threads']} threads, K = "
+        f"{step['steps_per_chain']}, {step['rounds']} interleaved rounds ({result['machine_cpu']}, torch "
+        f"{result['torch']}); fp32 peak {step['peak']['fp32_peak_gflops']:.0f} GFLOP/s "
+        f"({step['peak']['formula']}), sgemm {step['peak']['measured_sgemm_gflops']:.0f} GFLOP/s",
+        "",
+        "| mode | ms/step (median) | IQR | speed-up | GFLOP/s | % of fp32 peak |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in step["table"].items():
+        lines.append(
+            f"| {name} | {row['median_ms']:.2f} | {row['q1_ms']:.2f}–{row['q3_ms']:.2f} | {row['speedup']:.2f}× | "
+            f"{row['gflops']:.1f} | {100 * row['fraction_of_fp32_peak']:.1f}% |"
+        )
+    if "train" in result:
+        train = result["train"]["table"]
+        lines += ["", "| course preset training | it/s (median) | speed-up |", "| --- | --- | --- |"]
+        for name, row in train.items():
+            lines.append(f"| {name} | {row['median_it_per_s']:.2f} | {row.get('speedup', 1.0):.2f}× |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="course_cnn", choices=["course_cnn", "cnn"])
+    parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "cifar10"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="SGLD steps per timed chain")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--train", action="store_true", help="also time course-preset training iterations")
+    parser.add_argument("--train-iterations", type=int, default=5)
+    parser.add_argument("--train-rounds", type=int, default=5)
+    parser.add_argument("--train-set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "step": step_benchmark(args)}
+    if args.train:
+        result["train"] = train_benchmark(args)
+    from benchmarks.common import machine_info
+
+    result["machine_cpu"] = machine_info()["cpu"]
+    result["markdown"] = markdown(result)
+    path = write_result("sgld", result, args.out)
+    print(result["markdown"])
+    print(json.dumps({"result": str(path)}))
+
+
+if __name__ == "__main__":
+    main()
