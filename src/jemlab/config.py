@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,9 +101,33 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints (plus one at the end)
     checkpoint_minutes: float = 10.0  # also checkpoint after this many minutes without one
     keep_checkpoints: int = 3
-    max_abs_energy: float = 1e5  # stop with a DivergenceError beyond this |energy|
+    max_abs_energy: float = 1e5  # divergence beyond this |energy| (recovery.* says what happens then)
     tensorboard: bool = True  # write TensorBoard events when the tensorboard package is installed
     progress: bool = True  # progress bar on a terminal
+
+
+@dataclass
+class RecoveryConfig:
+    """Divergence recovery (docs/reliability.md): roll back to the last healthy state, change what follows, go on."""
+
+    enabled: bool = True  # false: stop with a DivergenceError at the first divergence (what other JEM code does)
+    max_retries: int = 5  # recoveries per run before giving up with an error (the healthy state is saved)
+    snapshot_every: int = 50  # iterations between in-memory healthy snapshots (also one at every checkpoint)
+    lr_factor: float = 0.5  # optim.lr × this at each recovery
+    sgld_steps_factor: float = 1.5  # sampler.steps × this at each recovery (longer chains: better negatives) ...
+    max_sgld_steps: int = 100  # ... capped here
+    sgld_step_size_factor: float = 1.0  # sampler.step_size × this at each recovery (1: unchanged)
+    energy_l2_factor: float = 2.0  # objective.energy_l2 × this at each recovery ...
+    min_energy_l2: float = 0.01  # ... and at least this (0.1 is the course code's value)
+    reseed_chains: bool = True  # new seed for the buffer draws and the Langevin noise
+    buffer_reset_fraction: float = 0.25  # fraction of replay-buffer chains restarted from the initialiser
+    # Detectors (absolute bound: train.max_abs_energy). Relative ones fire at factor × max(running average, floor).
+    energy_gap_factor: float = 100.0  # |E(x_data) − E(x_model)|
+    energy_gap_floor: float = 1.0
+    sgld_grad_factor: float = 1000.0  # SGLD gradient norm |∇ₓE|
+    sgld_grad_floor: float = 1.0
+    warmup_steps: int = 20  # healthy iterations before the relative detectors are armed
+    collapse_patience: int = 20  # iterations in a row of a flat energy surface that count as a collapse
 
 
 @dataclass
@@ -114,6 +139,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -273,7 +299,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # --- overrides and parsing -------------------------------------------------------------------------------------
 
-_SECTIONS = ("data", "model", "sampler", "objective", "optim", "train")
+_SECTIONS = ("data", "model", "sampler", "objective", "optim", "train", "recovery")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -303,7 +329,7 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a number, got {value!r}")
         try:
             number = annotation(value) if annotation is float else _to_int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             kind = "an integer" if annotation is int else "a number"
             raise ConfigError(f"{key} must be {kind}, got {value!r}") from None
         return number
@@ -424,6 +450,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
             raise ConfigError(f"unknown config section '{section}'; sections: {', '.join(_SECTIONS)}")
         for name, value in values.items():
             if section == "model" and name == "options":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"model.options must be a JSON object, got {value!r}")
                 config.model.options = dict(value)
             else:
                 set_value(config, f"{section}.{name}", value)
@@ -438,8 +466,16 @@ def load_config_file(path: str | Path) -> Config:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(
+            f"{path}: cannot read the config file ({err.strerror or err}); pass a readable file"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err}); fix or regenerate it with --dry-run") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{path}: JSON nested too deeply to be a jemlab config; regenerate it with --dry-run"
+        ) from None
     return config_from_dict(data)
 
 
@@ -448,8 +484,44 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_finite(config: Config) -> None:
+    """NaN and infinity pass most range checks (``nan > 0`` is False, ``inf > 0`` True): refuse them everywhere."""
+    for section in _SECTIONS:
+        values = getattr(config, section)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            items = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+                raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
+
+
+def _validate_recovery(r: RecoveryConfig) -> None:
+    _check(r.max_retries >= 0, f"recovery.max_retries must be >= 0, got {r.max_retries}")
+    _check(r.snapshot_every >= 1, f"recovery.snapshot_every must be >= 1, got {r.snapshot_every}")
+    _check(0 < r.lr_factor <= 1, f"recovery.lr_factor must be in (0, 1], got {r.lr_factor}")
+    _check(r.sgld_steps_factor >= 1, f"recovery.sgld_steps_factor must be >= 1, got {r.sgld_steps_factor}")
+    _check(r.max_sgld_steps >= 1, f"recovery.max_sgld_steps must be >= 1, got {r.max_sgld_steps}")
+    _check(
+        0 < r.sgld_step_size_factor <= 1,
+        f"recovery.sgld_step_size_factor must be in (0, 1], got {r.sgld_step_size_factor}",
+    )
+    _check(r.energy_l2_factor >= 1, f"recovery.energy_l2_factor must be >= 1, got {r.energy_l2_factor}")
+    _check(r.min_energy_l2 >= 0, f"recovery.min_energy_l2 must be >= 0, got {r.min_energy_l2}")
+    _check(
+        0 <= r.buffer_reset_fraction <= 1,
+        f"recovery.buffer_reset_fraction must be in [0, 1], got {r.buffer_reset_fraction}",
+    )
+    for name in ("energy_gap_factor", "sgld_grad_factor"):
+        _check(getattr(r, name) > 1, f"recovery.{name} must be > 1, got {getattr(r, name)}")
+    for name in ("energy_gap_floor", "sgld_grad_floor"):
+        _check(getattr(r, name) > 0, f"recovery.{name} must be > 0, got {getattr(r, name)}")
+    _check(r.warmup_steps >= 0, f"recovery.warmup_steps must be >= 0, got {r.warmup_steps}")
+    _check(r.collapse_patience >= 1, f"recovery.collapse_patience must be >= 1, got {r.collapse_patience}")
+
+
 def validate_config(config: Config) -> None:
     """Range and choice checks; each failure names the key and the accepted values."""
+    _validate_finite(config)
     d, m, s, o, opt, t = (
         config.data,
         config.model,
@@ -556,6 +628,9 @@ def validate_config(config: Config) -> None:
         "train.sample_every and train.checkpoint_every must be >= 1",
     )
     _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    _check(t.checkpoint_minutes > 0, f"train.checkpoint_minutes must be > 0, got {t.checkpoint_minutes}")
+    _check(t.max_abs_energy > 0, f"train.max_abs_energy must be > 0, got {t.max_abs_energy}")
+    _validate_recovery(config.recovery)
     _check(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
         f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'",

@@ -139,6 +139,16 @@ def save_run_checkpoint(
     return path
 
 
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files of writes that a killed run never finished (call it only when no other process
+    writes into `folder`, e.g. on resume). Returns how many were removed."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 # --- reading ---------------------------------------------------------------------------------------------------
 
 
@@ -179,7 +189,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path = resolve_checkpoint(path)
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:2] == b"\x80\x02" or head[:4] == b"PK\x03\x04":
+    # Pickle protocols 2-5 open with PROTO (0x80) and the protocol number; torch.save writes a zip archive.
+    if (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04":
         raise CheckpointError(
             f"{path}: this is a pickle/torch.save file, which jemlab never loads because unpickling can run "
             f"arbitrary code; convert trusted weights to safetensors or retrain"
@@ -207,6 +218,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         state = unflatten_state(json.loads(header["state"]), tensors)
         meta = json.loads(header["meta"])
-    except (KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: checkpoint metadata is corrupt ({err})") from None
+    except (KeyError, TypeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"{path}: checkpoint metadata is corrupt ({type(err).__name__}: {err}); use an earlier checkpoint"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata is corrupt (state and meta must be objects)")
     return state, meta

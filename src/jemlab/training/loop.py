@@ -17,15 +17,22 @@ import torch
 
 from jemlab.config import Config, validate_config
 from jemlab.data import ArrayDataset, DatasetSplits, RandomBatcher, load_dataset
-from jemlab.errors import ConfigError, DivergenceError
+from jemlab.errors import CheckpointError, ConfigError, DivergenceError
 from jemlab.images import save_grid
 from jemlab.models import EnergyModel, build_model
 from jemlab.objectives import JEMWeights, jem_loss
 from jemlab.samplers import ReplayBuffer
 from jemlab.samplers.init import initializer_from_config, initializer_state
 from jemlab.sampling import run_chains
-from jemlab.training.checkpoint import load_checkpoint, save_run_checkpoint
+from jemlab.training.checkpoint import (
+    atomic_write_bytes,
+    load_checkpoint,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+    save_run_checkpoint,
+)
 from jemlab.training.logging import MetricsWriter, progress_bar, setup_logger
+from jemlab.training.recovery import DivergenceDetected, Recovery, StopRequest, gradient_norm, trim_metrics
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,6 +180,11 @@ class Trainer:
         self.elapsed = 0.0  # training seconds, carried over on resume
         self.last_negatives: torch.Tensor | None = None
 
+        # Divergence watch (recovery.py): detectors on the live diagnostics, the last healthy state in memory, and
+        # the recovery policy, which changes `config` in place so that checkpoints carry the changed values.
+        self.recovery = Recovery(config)
+        self.metrics_lines = 0  # lines of run_dir/metrics.jsonl written so far (recorded in checkpoints)
+
     # --- state ---------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -209,6 +221,8 @@ class Trainer:
         if self.run_dir is None:
             return None
         meta = {"config": self.config.to_dict(), "progress": self.progress(), "git_sha": git_sha()}
+        meta["recovery"] = self.recovery.state_dict()
+        meta["metrics_lines"] = self.metrics_lines
         meta["dataset"] = {
             "name": self.splits.name,
             "image_shape": list(self.splits.image_shape),
@@ -226,10 +240,20 @@ class Trainer:
     def resume(self, path: str | Path) -> dict[str, Any]:
         """Load a checkpoint of this run (same config) and continue from its next iteration."""
         state, meta = load_checkpoint(path)
-        self.load_state_dict(state)
-        progress = meta["progress"]
-        self.step = int(progress["step"])
-        self.elapsed = float(progress["elapsed_s"])
+        try:
+            self.load_state_dict(state)
+            progress = meta["progress"]
+            self.step = int(progress["step"])
+            self.elapsed = float(progress["elapsed_s"])
+            if "recovery" in meta:  # the detector's averages and past recoveries continue too
+                self.recovery.load_state_dict(meta["recovery"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+            # A checkpoint of another model or config, or a hand-made one: refuse it as a whole, in one line.
+            first_line = str(err).strip().split("\n")[0][:200]
+            raise CheckpointError(
+                f"{path}: checkpoint does not fit this run ({type(err).__name__}: {first_line}); "
+                f"resume with the run's own config (jemlab train --run-dir DIR --resume)"
+            ) from None
         return meta
 
     # --- one iteration -------------------------------------------------------------------------------------------
@@ -298,27 +322,30 @@ class Trainer:
 
         self.model.train()
         loss, loss_stats = jem_loss(self.model, x, y, x_model, self.weights, x_cond, y_cond)
-        self.check_divergence(loss, loss_stats)
+        stats.update({k: float(v) for k, v in loss_stats.items()})
+        self.check_divergence(stats, x_model)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        stats["grad_norm"] = gradient_norm(params, cfg.optim.grad_clip)  # before clipping
+        self.check_gradients(stats["grad_norm"])
         self.optimizer.step()
         self.step += 1
-        stats.update({k: float(v) for k, v in loss_stats.items()})
         return stats
 
-    def check_divergence(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
-        """Stop before a non-finite or exploding loss reaches the weights (the last checkpoint stays good)."""
-        bound = self.config.train.max_abs_energy
-        energies = [float(stats[k]) for k in ("energy_data", "energy_model") if k in stats]
-        if math.isfinite(float(loss.detach())) and all(abs(e) <= bound for e in energies):
-            return
-        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in stats.items())
-        raise DivergenceError(
-            f"training diverged at step {self.step} ({detail}); resume from the last checkpoint with "
-            f"--resume and a lower optim.lr or sampler.step_size, or a higher objective.energy_l2"
-        )
+    def check_divergence(self, stats: dict[str, float], x_model: torch.Tensor | None = None) -> None:
+        """Raise `DivergenceDetected` (a DivergenceError) with a named reason before a non-finite or exploding loss
+        reaches the weights: non-finite values, |energy| beyond train.max_abs_energy, an exploding or collapsing
+        energy gap, an exploding SGLD gradient (see recovery.REASONS)."""
+        signal = self.recovery.detector.check_step(self.step + 1, stats, x_model)
+        if signal is not None:
+            raise DivergenceDetected(signal)
+
+    def check_gradients(self, grad_norm: float) -> None:
+        """Raise `DivergenceDetected` when a parameter gradient is not finite (before the optimizer step)."""
+        signal = self.recovery.detector.check_gradients(self.step + 1, grad_norm)
+        if signal is not None:
+            raise DivergenceDetected(signal)
 
     # --- evaluation and samples ----------------------------------------------------------------------------------
 
@@ -348,25 +375,51 @@ class Trainer:
     def fit(self, resume_from: str | Path | None = None, log_file: str | Path | None = None) -> dict[str, Any]:
         """Train until `train.epochs` or the `train.minutes` budget, then evaluate and save.
 
+        Divergence is rolled back and recovered from as `config.recovery` says; SIGTERM and Ctrl-C stop the run
+        after the current iteration, with a checkpoint (a second Ctrl-C stops at once, from the last healthy state).
+
         Args:
             resume_from: checkpoint file or run directory to continue from.
             log_file: an extra file that receives the log (besides run_dir/train.log).
 
         Returns:
             The final metrics (also written to run_dir/metrics.json).
+
+        Raises:
+            DivergenceError: training diverged and recovery was off or out of retries (after saving the last
+                healthy state and writing metrics.json with ``stop_reason: "diverged"``).
         """
+        with StopRequest() as stop:
+            return self._fit(stop, resume_from, log_file)
+
+    def _fit(self, stop: StopRequest, resume_from: str | Path | None, log_file: str | Path | None) -> dict[str, Any]:
         cfg, t = self.config, self.config.train
         log = setup_logger(self.run_dir, extra_file=log_file)
+
+        # Resume: model, optimizer, buffer, batcher position and RNG states continue exactly; metrics.jsonl is cut
+        # back to what it held at the checkpoint, so that iterations logged after it (by a killed run) and logged
+        # again now do not appear twice.
+        if resume_from is not None:
+            meta = self.resume(resume_from)
+            own_checkpoint = self.run_dir is not None and (
+                resolve_checkpoint(resume_from).resolve().parent == (self.run_dir / "checkpoints").resolve()
+            )
+            if own_checkpoint:
+                metrics = self.run_dir / "metrics.jsonl"
+                trim_metrics(metrics, _metrics_lines_at(metrics, meta.get("metrics_lines")), self.step)
+                remove_stale_temporaries(self.run_dir / "checkpoints")
+            log.info(f"resumed from {resume_from} at step {self.step}, epoch {self.batcher.epoch}")
         writer = None
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
+            atomic_write_bytes(self.run_dir / "config.json", (cfg.to_json() + "\n").encode())
+            self.metrics_lines = _count_lines(self.run_dir / "metrics.jsonl")
             writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard)
 
-        # Resume: model, optimizer, buffer, batcher position and RNG states continue exactly.
-        if resume_from is not None:
-            self.resume(resume_from)
-            log.info(f"resumed from {resume_from} at step {self.step}, epoch {self.batcher.epoch}")
+        def emit(record: dict[str, Any]) -> None:
+            if writer:
+                writer.write(record)
+                self.metrics_lines += 1
 
         steps_per_epoch = len(self.batcher)
         total_steps = steps_per_epoch * t.epochs
@@ -384,13 +437,34 @@ class Trainer:
         window: dict[str, float] = {}
         window_count, window_start = 0, time.monotonic()
         stop_reason = "epochs"
+        failure: str | None = None
+        self.recovery.take_snapshot(self)  # the healthy state to roll back to until the next snapshot
         bar = progress_bar(total_steps, t.progress, initial=self.step)
         try:
             while self.step < total_steps:
                 # Batch (the batcher rolls over to a new epoch by itself).
                 epoch = self.step // steps_per_epoch
                 x, y = self.batcher.next_batch()
-                stats = self.train_step(x, y, epoch)
+                try:
+                    stats = self.train_step(x, y, epoch)
+                except DivergenceDetected as err:
+                    # Divergence: back to the last healthy snapshot, with the recovery policy's changes applied;
+                    # or, with recovery off or out of retries, stop from that healthy state with a clear error.
+                    event = self.recovery.recover(self, err.signal)
+                    emit({**event, "elapsed_s": self.elapsed})
+                    if event["event"] == "diverged":
+                        log.error(event["error"])
+                        stop_reason, failure = "diverged", event["error"]
+                        break
+                    log.warning(
+                        f"divergence: {err.signal.describe()}; rolled back to step {self.step}, recovery "
+                        f"{event['attempt']}/{cfg.recovery.max_retries}: "
+                        + ", ".join(f"{k} {old}->{new}" for k, (old, new) in event["changes"].items())
+                    )
+                    bar.n = self.step
+                    bar.refresh()
+                    window, window_count, window_start = {}, 0, time.monotonic()
+                    continue
                 self.elapsed = time.monotonic() - started
                 bar.update(1)
                 for k, v in stats.items():
@@ -410,14 +484,14 @@ class Trainer:
                     if self.buffer is not None:
                         record["buffer_mean"] = float(self.buffer.images.mean())
                         record["buffer_std"] = float(self.buffer.images.std())
-                    if writer:
-                        writer.write(record)
+                    emit(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
                     log.info(_format_record(record))
                     window, window_count, window_start = {}, 0, now
 
-                # End of epoch: validate, samples, checkpoint.
+                # End of epoch: validate, samples, checkpoint (every checkpoint is also a healthy snapshot).
                 out_of_time = budget is not None and self.elapsed >= budget
+                saved = False
                 if self.step % steps_per_epoch == 0:
                     done_epochs = self.step // steps_per_epoch
                     val = self.evaluate("val")
@@ -427,23 +501,32 @@ class Trainer:
                         "elapsed_s": self.elapsed,
                         **val,
                     }
-                    if writer:
-                        writer.write(record)
+                    emit(record)
                     log.info(f"epoch {done_epochs}: " + _format_record(val))
                     if done_epochs % t.sample_every == 0:
                         self.sample_grids(f"epoch{done_epochs:03d}")
                     if done_epochs % t.checkpoint_every == 0 and not out_of_time:
                         self.save()
+                        saved = True
                         last_ckpt = time.monotonic()
                 elif time.monotonic() - last_ckpt > t.checkpoint_minutes * 60:
                     self.save()
+                    saved = True
                     last_ckpt = time.monotonic()
+                if saved or self.step % cfg.recovery.snapshot_every == 0:
+                    self.recovery.take_snapshot(self)
                 if out_of_time:
                     stop_reason = "time budget"
                     break
+                if stop.reason is not None:
+                    stop_reason = stop.reason
+                    log.info(f"{stop.reason} at step {self.step}; saving a checkpoint")
+                    break
         except KeyboardInterrupt:
+            # A second Ctrl-C, possibly half-way through an iteration: save the last healthy snapshot instead.
+            self.recovery.restore_snapshot(self)
             stop_reason = "interrupted"
-            log.info(f"interrupted at step {self.step}; saving a checkpoint")
+            log.info(f"interrupted; saving the state of step {self.step}")
         finally:
             bar.close()
 
@@ -455,29 +538,51 @@ class Trainer:
             "epoch": self.step / steps_per_epoch,
             **self.evaluate("val"),
             **self.evaluate("test"),
+            "recoveries": self.recovery.recoveries,
+            "recovery_reasons": [event["reason"] for event in self.recovery.history],
             "checkpoint": None if ckpt is None else str(ckpt),
             "git_sha": git_sha(),
             "torch_version": torch.__version__,
         }
+        if failure is not None:
+            final["error"] = failure
         log.info(
             f"finished ({stop_reason}) after {self.step} steps, {self.elapsed / 60:.1f} min: "
             + _format_record({k: final[k] for k in final if k.endswith(("accuracy", "nll"))})
         )
+        emit(
+            {
+                "step": self.step,
+                "epoch": final["epoch"],
+                "elapsed_s": self.elapsed,
+                **{k: v for k, v in final.items() if isinstance(v, float)},
+            }
+        )
         if writer:
-            writer.write(
-                {
-                    "step": self.step,
-                    "epoch": final["epoch"],
-                    "elapsed_s": self.elapsed,
-                    **{k: v for k, v in final.items() if isinstance(v, float)},
-                }
-            )
             writer.close()
         if self.run_dir is not None:
-            final["samples"] = [str(p) for p in self.sample_grids("final")]
-            (self.run_dir / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+            # Sample grids only when the run ended by itself: after a signal the process is asked to exit now.
+            done = stop_reason in ("epochs", "time budget")
+            final["samples"] = [str(p) for p in self.sample_grids("final")] if done else []
+            atomic_write_bytes(self.run_dir / "metrics.json", (json.dumps(final, indent=2) + "\n").encode())
             log.info(f"wrote {self.run_dir / 'metrics.json'} and sample grids in {self.run_dir / 'samples'}")
+        if failure is not None:
+            raise DivergenceError(failure)
         return final
+
+
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _metrics_lines_at(path: Path, recorded: Any) -> int | None:
+    """Lines metrics.jsonl had when a checkpoint was written (None for checkpoints that did not record it)."""
+    if recorded is None:
+        return None
+    return min(int(recorded), _count_lines(path))
 
 
 def _format_record(record: dict[str, Any]) -> str:
