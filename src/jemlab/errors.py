@@ -10,6 +10,10 @@ from __future__ import annotations
 class JemlabError(Exception):
     """A user-facing error: bad input, bad config, corrupt file. The message is one line with the fix."""
 
+    def __str__(self) -> str:
+        # Messages quote user input (keys, values, file names), which may hold line breaks: keep them one line.
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
+
 
 class DataError(JemlabError):
     """A dataset file is missing, truncated, corrupt or fails its checksum."""

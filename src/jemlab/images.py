@@ -7,6 +7,8 @@ class-conditional samples, ``labels``: int64 (N,).
 from __future__ import annotations
 
 import math
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -75,15 +77,21 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read an exchange-format `.npz` (never unpickles objects); return images in [−1, 1] and labels or None."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise JemlabError(
+                f"{path}: a single .npy array, not an .npz archive; save with numpy.savez(path, images=...)"
+            )
+        with data:
             if "images" not in data:
                 raise JemlabError(f"{path}: no 'images' array; expected the jemlab .npz sample format")
             images = data["images"]
             labels = data.get("labels")
-    except (OSError, ValueError) as err:
-        raise JemlabError(f"{path}: not a readable .npz file ({err})") from None
-    if images.ndim != 4 or images.dtype != np.float32:
-        raise JemlabError(f"{path}: 'images' must be float32 (N, C, H, W), got {images.dtype} {images.shape}")
+    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error) as err:
+        # A cut-off or corrupt zip surfaces as any of these, depending on where the damage is.
+        raise JemlabError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
+    if images.ndim != 4 or images.dtype != np.float32 or images.size == 0:
+        raise JemlabError(f"{path}: 'images' must be non-empty float32 (N, C, H, W), got {images.dtype} {images.shape}")
     if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
         raise JemlabError(f"{path}: 'images' must be finite values in [0, 1]")
     if labels is not None and (labels.shape != (images.shape[0],) or labels.dtype.kind not in "iu"):
