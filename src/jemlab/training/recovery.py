@@ -1,9 +1,9 @@
 """Divergence detection and automatic recovery: the JEM you can leave running.
 
 JEM training diverges often: the energies of data and samples drift apart, the loss explodes and turns into NaN
-within a few iterations (Grathwohl et al., 2020, Sec. 6 and App. H.3; the official code then divides by zero on
-purpose, and users restart by hand from the last checkpoint with a new seed or a lower learning rate). This module
-does what those users do, by itself:
+within a few iterations (Grathwohl et al., 2020, list the instability among JEM's limitations; their code divides
+by zero on purpose, and users restart by hand from the last checkpoint with a new seed or a lower learning rate).
+This module does what those users do, by itself:
 
 1. `DivergenceDetector` watches the diagnostics every iteration already computes and names what went wrong
    (`REASONS`). Every check runs *before* the optimizer step, so a bad update never reaches the weights.
