@@ -377,8 +377,11 @@ def test_jempp_trains_and_its_fitted_initialiser_is_restored_by_load_run(tiny_co
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("predraw", [True, False])
 @pytest.mark.parametrize("groups", [2, 3])
-def test_chain_groups_on_threads_equal_the_reference_chain(groups):
+def test_chain_groups_on_threads_equal_the_reference_chain(groups, predraw, monkeypatch):
+    if not predraw:  # the step-by-step path that long generation chains take
+        monkeypatch.setattr(fast_module, "_MAX_PREDRAWN_NOISE_BYTES", 0)
     model = tiny_energy_model()
     x0 = chain_inputs(n=7)
     kwargs = dict(steps=4, step_size=2.0, noise=0.05, grad_clamp=0.03, noise_first=True)

@@ -101,6 +101,7 @@ def _run_eager(
 # --- chain groups on CPU threads ----------------------------------------------------------------------------------
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+_MAX_PREDRAWN_NOISE_BYTES = 256 * 2**20  # beyond this, groups synchronise every step instead of pre-drawing noise
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -123,12 +124,12 @@ def _single_threaded() -> Any:
 
 
 def _group_chain(
-    energy_fn: EnergyFn, x: torch.Tensor, steps: int, s: StepSettings
+    energy_fn: EnergyFn, x: torch.Tensor, noise: torch.Tensor | None, steps: int, s: StepSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A noise-free chain of one group (in place on x)."""
+    """The whole chain of one group (in place on x), with its rows of the pre-drawn noise (K, n, ...) or None."""
     result = (x, torch.zeros(()), torch.zeros(1, 1))
-    for _ in range(steps):
-        result = _eager_step(energy_fn, x, x, s)  # the noise argument is unused when s.noise == 0
+    for k in range(steps):
+        result = _eager_step(energy_fn, x, x if noise is None else noise[k], s)  # noise unused when s.noise == 0
     return result
 
 
@@ -146,16 +147,27 @@ def _run_groups(
     x = x_init.detach().clone()
     parts = [x[r].clone() for r in rows]  # each group owns its chains; x[r] keeps x's memory format
     energies = [energy_for_rows(r) for r in rows]
-    noise = torch.empty(x.shape, dtype=x.dtype)
     pool = _pool(len(rows) - 1)
     results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     with _single_threaded():
-        if s.noise == 0:  # nothing to draw: every group runs its whole chain without waiting for the others
-            futures = [pool.submit(_group_chain, energies[i], parts[i], steps, s) for i in range(1, len(rows))]
-            results = [_group_chain(energies[0], parts[0], steps, s), *(f.result() for f in futures)]
-        else:
+        if s.noise == 0 or steps * x.numel() * x.element_size() <= _MAX_PREDRAWN_NOISE_BYTES:
+            # Draw every step's noise up front, step by step in `sgld`'s order, so that the groups run their whole
+            # chains without waiting for each other.
+            noise = None
+            if s.noise > 0:
+                noise = torch.empty((steps, *x.shape), dtype=x.dtype)
+                for k in range(steps):
+                    noise[k].normal_(generator=generator)
+            futures = [
+                pool.submit(_group_chain, energies[i], parts[i], None if noise is None else noise[:, rows[i]], steps, s)
+                for i in range(1, len(rows))
+            ]
+            first = _group_chain(energies[0], parts[0], None if noise is None else noise[:, rows[0]], steps, s)
+            results = [first, *(f.result() for f in futures)]
+        else:  # long chains (generation): one step at a time, the whole batch's noise drawn before each step
+            noise = torch.empty(x.shape, dtype=x.dtype)
             for _ in range(steps):
-                noise.normal_(generator=generator)  # the whole batch's noise, in `sgld`'s order
+                noise.normal_(generator=generator)
                 futures = [
                     pool.submit(_eager_step, energies[i], parts[i], noise[rows[i]], s) for i in range(1, len(rows))
                 ]
