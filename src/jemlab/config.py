@@ -150,6 +150,17 @@ class Config:
 
 # --- presets: only what differs from the defaults -------------------------------------------------------------
 
+# The CPU presets' network and optimiser (default, softmax, jempp), stated once.
+_CPU_CNN: dict[str, Any] = {
+    "model.name": "cnn",
+    "model.options": {"width": 16, "features": 256, "act": "swish"},
+    "objective.input_noise": 0.03,
+    "optim.lr": 1e-3,
+    "optim.warmup_steps": 200,
+    "train.batch_size": 128,
+    "train.channels_last": True,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Tuned for Fashion-MNIST/MNIST on a 2-core CPU (runs and numbers in docs/tuning.md): a small Swish CNN;
     # persistent SGLD with the paper's K = 20, α = 1, σ = 0.01, evaluated in bfloat16 with an NHWC layout; chains
@@ -158,8 +169,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # noise); a 5,000-image buffer so that chains mature within minutes; 128 data images and 64 chains per
     # iteration; log p(x) weighted 0.3 (at weight 1 the classifier learns ~3x slower per iteration); weak energy L2.
     "default": {
-        "model.name": "cnn",
-        "model.options": {"width": 16, "features": 256, "act": "swish"},
+        **_CPU_CNN,
         "sampler.steps": 20,
         "sampler.init": "gaussian",
         "sampler.buffer_size": 5000,
@@ -167,22 +177,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampler.precision": "bf16",
         "objective.px": 0.3,
         "objective.energy_l2": 0.01,
-        "objective.input_noise": 0.03,
-        "optim.lr": 1e-3,
-        "optim.warmup_steps": 200,
-        "train.batch_size": 128,
-        "train.channels_last": True,
     },
     # The same network and data schedule as a plain softmax classifier: the JEM paper's baseline (no p(x) term).
     "softmax": {
-        "model.name": "cnn",
-        "model.options": {"width": 16, "features": 256, "act": "swish"},
+        **_CPU_CNN,
         "objective.px": 0.0,
-        "objective.input_noise": 0.03,
-        "optim.lr": 1e-3,
-        "optim.warmup_steps": 200,
-        "train.batch_size": 128,
-        "train.channels_last": True,
     },
     # SPEC S2, the course exercise: two-headed CNN, 60 clipped SGLD steps of size 10, queue buffer of 8,192.
     "course": {
@@ -245,8 +244,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 4-layer CNN the first layer is ~20% of a full step (it is <1% of WRN-28-10), so its inner steps cost more
     # than they save on a CPU; turn it on with sampler.pyld_steps=5 (jempp-cifar10 does).
     "jempp": {
-        "model.name": "cnn",
-        "model.options": {"width": 16, "features": 256, "act": "swish"},
+        **_CPU_CNN,
         "sampler.steps": 5,
         "sampler.step_size": 1.0,
         "sampler.noise": 0.0,
@@ -260,10 +258,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampler.chain_groups": 0,
         "objective.px": 0.3,
         "objective.energy_l2": 0.01,
-        "objective.input_noise": 0.03,
-        "optim.lr": 1e-3,
-        "optim.warmup_steps": 200,
-        "train.batch_size": 128,
         "train.channels_last": True,
     },
     # SPEC S4, JEM++ on CIFAR-10 as in the authors' script (sndnyang/JEMPP scripts/jempp_cifar10.sh): WRN-28-10
