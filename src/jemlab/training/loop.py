@@ -178,7 +178,6 @@ class Trainer:
 
         self.step = 0
         self.elapsed = 0.0  # training seconds, carried over on resume
-        self.last_negatives: torch.Tensor | None = None
 
         # Divergence watch (recovery.py): detectors on the live diagnostics, the last healthy state in memory, and
         # the recovery policy, which changes `config` in place so that checkpoints carry the changed values.
@@ -258,43 +257,30 @@ class Trainer:
 
     # --- one iteration -------------------------------------------------------------------------------------------
 
-    def negatives(self, n: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Draw n SGLD samples of p(x): from the replay buffer (persistent) or from fresh noise (short-run)."""
-        s = self.config.sampler
-        if self.buffer is not None:
-            draw = self.buffer.sample(n, generator=self.cpu_generator)
+    def negatives(self, n: int, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Draw n SGLD samples of p(x), or of p(x|y) for the classes `labels`.
+
+        Chains come from the replay buffer (persistent) when there is one that can serve them (any buffer for
+        p(x), a class-partitioned one for p(x|y)) and are written back; otherwise they start from the initialiser
+        (short-run) and are not kept.
+        """
+        cpu_labels = None if labels is None else labels.cpu()
+        if self.buffer is not None and (labels is None or self.buffer.class_conditional):
+            draw = self.buffer.sample(n, labels=cpu_labels, generator=self.cpu_generator)
             x_init = draw.x
         else:
-            draw, x_init = None, self.init(n, None, self.cpu_generator)
+            draw, x_init = None, self.init(n, cpu_labels, self.cpu_generator)
         x, stats = run_chains(
             self.model,
             x_init.to(self.device),
-            s,
+            self.config.sampler,
+            labels=labels,
             generator=self.noise_generator,
             channels_last=self.config.train.channels_last,
         )
         if draw is not None:
             self.buffer.update(draw, x)
         return x, {"sgld_grad_norm": stats.grad_norm}
-
-    def conditional_negatives(self, y: torch.Tensor) -> torch.Tensor:
-        """SGLD samples of p(x|y) for the classes y, from the class-partitioned buffer when there is one."""
-        if self.buffer is not None and self.buffer.class_conditional:
-            draw = self.buffer.sample(len(y), labels=y.cpu(), generator=self.cpu_generator)
-            x_init = draw.x
-        else:
-            draw, x_init = None, self.init(len(y), y.cpu(), self.cpu_generator)
-        x, _ = run_chains(
-            self.model,
-            x_init.to(self.device),
-            self.config.sampler,
-            labels=y,
-            generator=self.noise_generator,
-            channels_last=self.config.train.channels_last,
-        )
-        if draw is not None:
-            self.buffer.update(draw, x)
-        return x
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
         """One optimisation step on a batch: negatives, loss, backward, update."""
@@ -311,11 +297,10 @@ class Trainer:
         if self.weights.px > 0:
             x_model, sampler_stats = self.negatives(n_neg)
             stats.update(sampler_stats)
-            self.last_negatives = x_model
         x_cond = y_cond = None
         if self.weights.pxy > 0:
             y_cond = y[:n_neg]
-            x_cond = self.conditional_negatives(y_cond)
+            x_cond, _ = self.negatives(len(y_cond), labels=y_cond)
         if cfg.objective.input_noise > 0:
             noise = torch.randn(x.shape, generator=self.noise_generator, device=x.device)
             x = x + cfg.objective.input_noise * noise
