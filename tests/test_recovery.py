@@ -118,6 +118,40 @@ def test_collapse_needs_patience():
     assert detector.check_step(4, flat).reason == "energy_gap_collapse"
 
 
+def test_classifier_collapse_fires_only_after_learning_and_blocks_snapshots():
+    log_c = math.log(10)
+    detector = DivergenceDetector(warmup=0, num_classes=10, classifier_patience=5)
+    at_chance = {"loss": log_c, "ce": log_c, "train_accuracy": 0.1}
+    # A classifier that starts at chance level and has not learned yet is not a collapse, however long it stays.
+    assert all(detector.check_step(i, at_chance) is None for i in range(1, 60))
+    assert not detector.suspect
+    learning = {"loss": 0.6, "ce": 0.6, "train_accuracy": 0.8}
+    assert all(detector.check_step(i, learning) is None for i in range(60, 100))
+    assert not detector.suspect
+    # Back at chance: suspect as soon as the fast averages get there, a divergence after `classifier_patience` steps.
+    assert detector.check_step(100, at_chance) is None and detector.check_step(101, at_chance) is None
+    assert detector.suspect  # after two iterations that undo half of what was learned
+    found = [None, None] + [detector.check_step(i, at_chance) for i in range(102, 160)]
+    fired = [i for i, signal_ in zip(range(100, 160), found, strict=True) if signal_ is not None]
+    assert fired and found[fired[0] - 100].reason == "classifier_collapse"
+    assert detector.suspect
+    state = json.loads(json.dumps(detector.state_dict()))
+    copy = DivergenceDetector(num_classes=10)
+    copy.load_state_dict(state)
+    assert copy.suspect
+
+
+def test_classifier_check_can_be_turned_off_and_old_detector_state_loads():
+    detector = DivergenceDetector(warmup=0, num_classes=10, classifier_patience=0)
+    for i in range(1, 50):
+        detector.check_step(i, {"loss": 0.5, "ce": 0.5, "train_accuracy": 0.9})
+    assert all(detector.check_step(i, {"loss": 3.0, "ce": 3.0, "train_accuracy": 0.0}) is None for i in range(50, 200))
+    old = {"healthy": 3, "gap_average": None, "sgld_grad_average": None, "flat": 0}
+    fresh = DivergenceDetector(num_classes=10)
+    fresh.load_state_dict(old)
+    assert fresh.ce_best is None and not fresh.suspect
+
+
 def test_detector_state_survives_json():
     detector = DivergenceDetector(warmup=2)
     healthy(detector, 7, gap=0.3, sgld=0.7)

@@ -128,6 +128,9 @@ class RecoveryConfig:
     sgld_grad_floor: float = 1.0
     warmup_steps: int = 20  # healthy iterations before the relative detectors are armed
     collapse_patience: int = 20  # iterations in a row of a flat energy surface that count as a collapse
+    # Classifier collapse: after the classifier has learned something, `classifier_patience` iterations in a row at
+    # chance level (cross-entropy ~ log C, accuracy ~ 1/C) count as a divergence; 0 turns the check off.
+    classifier_patience: int = 20
 
 
 @dataclass
@@ -514,6 +517,7 @@ def _validate_recovery(r: RecoveryConfig) -> None:
         _check(getattr(r, name) > 0, f"recovery.{name} must be > 0, got {getattr(r, name)}")
     _check(r.warmup_steps >= 0, f"recovery.warmup_steps must be >= 0, got {r.warmup_steps}")
     _check(r.collapse_patience >= 1, f"recovery.collapse_patience must be >= 1, got {r.collapse_patience}")
+    _check(r.classifier_patience >= 0, f"recovery.classifier_patience must be >= 0, got {r.classifier_patience}")
 
 
 def validate_config(config: Config) -> None:

@@ -181,7 +181,7 @@ class Trainer:
 
         # Divergence watch (recovery.py): detectors on the live diagnostics, the last healthy state in memory, and
         # the recovery policy, which changes `config` in place so that checkpoints carry the changed values.
-        self.recovery = Recovery(config)
+        self.recovery = Recovery(config, self.splits.num_classes)
         self.metrics_lines = 0  # lines of run_dir/metrics.jsonl written so far (recorded in checkpoints)
 
     # --- state ---------------------------------------------------------------------------------------------------
@@ -423,7 +423,7 @@ class Trainer:
         window_count, window_start = 0, time.monotonic()
         stop_reason = "epochs"
         failure: str | None = None
-        self.recovery.take_snapshot(self)  # the healthy state to roll back to until the next snapshot
+        self.recovery.take_snapshot(self, force=True)  # the healthy state to roll back to until the next snapshot
         bar = progress_bar(total_steps, t.progress, initial=self.step)
         try:
             while self.step < total_steps:
@@ -498,7 +498,7 @@ class Trainer:
                     self.save()
                     saved = True
                     last_ckpt = time.monotonic()
-                if saved or self.step % cfg.recovery.snapshot_every == 0:
+                if saved or self.step % cfg.recovery.snapshot_every == 0 or self.recovery.snapshot_due:
                     self.recovery.take_snapshot(self)
                 if out_of_time:
                     stop_reason = "time budget"

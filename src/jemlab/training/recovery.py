@@ -50,6 +50,7 @@ REASONS: dict[str, str] = {
     "energy_gap_explosion": "|E(x_data) - E(x_model)| grew far beyond its running scale",
     "energy_gap_collapse": "data and samples got the same energy on a flat energy surface (SGLD gradient ~ 0)",
     "sgld_gradient_explosion": "the SGLD gradient norm |grad_x E| grew far beyond its running scale",
+    "classifier_collapse": "the classifier fell back to chance level (cross-entropy ~ log C) after it had learned",
 }
 
 
@@ -89,14 +90,30 @@ class DivergenceDetector:
     data and samples have the same energy (within 1e-4) and the SGLD gradient is below 1e-7: the network no longer
     depends on its input.
 
+    A classifier collapse is the failure that the energy checks miss: a learning rate too large for the network kills
+    it (dead units, saturated logits) and p(y|x) falls back to uniform while every energy stays finite and the loss
+    looks calm. The detector follows fast averages of the batch cross-entropy and accuracy; once the classifier has
+    learned (its averaged cross-entropy went below `learned_fraction` × log C), `classifier_patience` iterations in
+    a row at chance level (cross-entropy ≥ `chance_fraction` × log C and accuracy at most 1.5/C) fire it. A faster
+    average (about two iterations) makes the detector `suspect` as soon as the classifier has lost half of what it
+    had learned; while it is, the trainer takes no healthy snapshot (it tries again at the next iteration), so a
+    rollback does not land on a network that is collapsing.
+
     Args:
         max_abs_energy: bound on the mean energy of the data and of the samples.
         gap_factor, gap_floor: the energy-gap explosion threshold.
         sgld_grad_factor, sgld_grad_floor: the SGLD-gradient explosion threshold.
         warmup: healthy iterations before the relative checks are armed.
         collapse_patience: iterations in a row of a flat energy surface that count as a collapse.
+        num_classes: C, for the classifier-collapse check (None: no check).
+        classifier_patience: iterations in a row at chance level that count as a classifier collapse (0: no check).
         decay: decay of the moving averages.
     """
+
+    learned_fraction = 0.85
+    chance_fraction = 0.97
+    average_decay = 0.9  # the averages that fire follow about the last 10 iterations ...
+    suspect_decay = 0.5  # ... the one that blocks snapshots about the last 2
 
     collapse_gap = 1e-4
     collapse_grad_norm = 1e-7
@@ -110,6 +127,8 @@ class DivergenceDetector:
         sgld_grad_floor: float = 1.0,
         warmup: int = 20,
         collapse_patience: int = 20,
+        num_classes: int | None = None,
+        classifier_patience: int = 20,
         decay: float = 0.98,
     ) -> None:
         self.max_abs_energy = max_abs_energy
@@ -122,9 +141,17 @@ class DivergenceDetector:
         self.gap_average: float | None = None
         self.sgld_grad_average: float | None = None
         self.flat = 0  # iterations in a row with a flat energy surface
+        self.log_classes = math.log(num_classes) if num_classes is not None and num_classes >= 2 else None
+        self.max_chance_accuracy = 1.5 / num_classes if num_classes else 0.0
+        self.classifier_patience = classifier_patience
+        self.ce_average: float | None = None  # averages of the batch cross-entropy and accuracy
+        self.ce_fast: float | None = None  # a faster average of the cross-entropy
+        self.accuracy_average: float | None = None
+        self.ce_best: float | None = None  # lowest fast-averaged cross-entropy so far
+        self.at_chance = 0  # iterations in a row at chance level after having learned
 
     @classmethod
-    def from_config(cls, config: Config) -> DivergenceDetector:
+    def from_config(cls, config: Config, num_classes: int | None = None) -> DivergenceDetector:
         r = config.recovery
         return cls(
             max_abs_energy=config.train.max_abs_energy,
@@ -134,6 +161,8 @@ class DivergenceDetector:
             sgld_grad_floor=r.sgld_grad_floor,
             warmup=r.warmup_steps,
             collapse_patience=r.collapse_patience,
+            num_classes=num_classes,
+            classifier_patience=r.classifier_patience,
         )
 
     def check_step(
@@ -193,6 +222,10 @@ class DivergenceDetector:
                 f"|E_data - E_model|={gap:.2g} and sgld_grad_norm={sgld_grad:.2g} for {self.flat} steps",
             )
 
+        collapse = self._check_classifier(step, stats)
+        if collapse is not None:
+            return collapse
+
         self.healthy += 1
         if gap is not None:
             self.gap_average = gap if self.gap_average is None else self._mix(self.gap_average, gap)
@@ -201,6 +234,43 @@ class DivergenceDetector:
                 sgld_grad if self.sgld_grad_average is None else self._mix(self.sgld_grad_average, sgld_grad)
             )
         return None
+
+    def _check_classifier(self, step: int, stats: Mapping[str, float]) -> DivergenceSignal | None:
+        ce, accuracy = stats.get("ce"), stats.get("train_accuracy")
+        if self.log_classes is None or self.classifier_patience <= 0 or ce is None or accuracy is None:
+            return None
+        self.ce_average = _average(self.ce_average, ce, self.average_decay)
+        self.accuracy_average = _average(self.accuracy_average, accuracy, self.average_decay)
+        self.ce_fast = _average(self.ce_fast, ce, self.suspect_decay)
+        self.ce_best = self.ce_average if self.ce_best is None else min(self.ce_best, self.ce_average)
+        at_chance = self._learned() and self.ce_average >= self.chance_fraction * self.log_classes
+        at_chance = at_chance and self.accuracy_average <= self.max_chance_accuracy
+        self.at_chance = self.at_chance + 1 if at_chance else 0
+        if self.at_chance >= self.classifier_patience:
+            return DivergenceSignal(
+                "classifier_collapse",
+                step,
+                f"cross-entropy {self.ce_average:.3f} ~ log C = {self.log_classes:.3f} and accuracy "
+                f"{self.accuracy_average:.3f} for {self.at_chance} steps (best cross-entropy {self.ce_best:.3f})",
+            )
+        return None
+
+    def _learned(self) -> bool:
+        return (
+            self.log_classes is not None
+            and self.ce_best is not None
+            and (self.ce_best <= self.learned_fraction * self.log_classes)
+        )
+
+    @property
+    def suspect(self) -> bool:
+        """True while the classifier, having learned, has lost half of it or sits at chance level: no healthy
+        snapshot is taken then."""
+        if not self._learned() or self.ce_fast is None:
+            return False
+        assert self.log_classes is not None and self.ce_best is not None
+        halfway = self.ce_best + 0.5 * (self.log_classes - self.ce_best)
+        return self.at_chance > 0 or self.ce_fast >= halfway
 
     def check_gradients(self, step: int, grad_norm: float) -> DivergenceSignal | None:
         """Check the global parameter-gradient norm after the backward pass, before the optimizer step."""
@@ -218,6 +288,11 @@ class DivergenceDetector:
             "gap_average": self.gap_average,
             "sgld_grad_average": self.sgld_grad_average,
             "flat": self.flat,
+            "ce_average": self.ce_average,
+            "ce_fast": self.ce_fast,
+            "accuracy_average": self.accuracy_average,
+            "ce_best": self.ce_best,
+            "at_chance": self.at_chance,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -225,6 +300,15 @@ class DivergenceDetector:
         self.gap_average = None if state["gap_average"] is None else float(state["gap_average"])
         self.sgld_grad_average = None if state["sgld_grad_average"] is None else float(state["sgld_grad_average"])
         self.flat = int(state["flat"])
+        # Checkpoints written before the classifier check lack its averages: it starts afresh then.
+        for name in ("ce_average", "ce_fast", "accuracy_average", "ce_best"):
+            value = state.get(name)
+            setattr(self, name, None if value is None else float(value))
+        self.at_chance = int(state.get("at_chance", 0))
+
+
+def _average(average: float | None, value: float, decay: float) -> float:
+    return value if average is None else decay * average + (1 - decay) * value
 
 
 def gradient_norm(parameters: list[torch.nn.Parameter], clip: float | None = None) -> float:
@@ -313,20 +397,29 @@ class Recovery:
             resumed run continues with them.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, num_classes: int | None = None) -> None:
         self.config = config
         self.policy = config.recovery
-        self.detector = DivergenceDetector.from_config(config)
+        self.detector = DivergenceDetector.from_config(config, num_classes)
         self.snapshot: Snapshot | None = None
+        self.snapshot_due = False  # a snapshot was skipped while the detector was suspicious: try each iteration
         self.history: list[dict[str, Any]] = []  # one event per recovery, as logged
 
     @property
     def recoveries(self) -> int:
         return len(self.history)
 
-    def take_snapshot(self, trainer: Trainer) -> None:
-        """Copy the trainer's state (a healthy one: call it only between iterations that passed every check)."""
+    def take_snapshot(self, trainer: Trainer, force: bool = False) -> bool:
+        """Copy the trainer's state (a healthy one: call it only between iterations that passed every check).
+
+        Skipped (returns False) while the detector suspects a classifier collapse, unless `force`.
+        """
+        if self.detector.suspect and not force:
+            self.snapshot_due = True
+            return False
+        self.snapshot_due = False
         self.snapshot = Snapshot(trainer.step, clone_state(trainer.state_dict()), self.detector.state_dict())
+        return True
 
     def restore_snapshot(self, trainer: Trainer) -> int:
         """Put the trainer back into the snapshot's state exactly; return the snapshot's iteration."""
