@@ -240,6 +240,44 @@ def test_grad_norm_score_is_analytic_and_leaves_parameter_grads_alone():
     torch.testing.assert_close(batched, expected)
 
 
+class _FlatFeatures(_LinearJEM):
+    def features(self, x):
+        return x.flatten(1)
+
+
+def test_mahalanobis_score_matches_the_closed_form():
+    # Two classes with means (±2, 0) and a shared covariance diag(1, 4): the fitted score of a point is minus its
+    # squared Mahalanobis distance to the nearer mean (up to sampling error in the fitted mean and covariance).
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    y = torch.arange(2).repeat(n // 2)
+    means = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
+    x = means[y] + torch.randn(n, 2, generator=g) * torch.tensor([1.0, 2.0])
+    model = _FlatFeatures(2, 2)
+    score = ood.MahalanobisScore(model, x.view(n, 1, 1, 2), y, num_classes=2)
+    probe = torch.tensor([[2.0, 0.0], [0.0, 4.0], [-5.0, 2.0]])
+    expected = -torch.tensor([0.0, 4.0 + 16.0 / 4.0, 9.0 + 4.0 / 4.0])
+    torch.testing.assert_close(score(model, probe.view(3, 1, 1, 2)), expected, atol=0.15, rtol=0.03)
+    far = torch.randn(500, 2, generator=g) + torch.tensor([0.0, 30.0])
+    near = means[torch.arange(2).repeat(250)] + torch.randn(500, 2, generator=g) * torch.tensor([1.0, 2.0])
+    s_in, s_out = score(model, near.view(-1, 1, 1, 2)), score(model, far.view(-1, 1, 1, 2))
+    assert ood.auroc(s_in, s_out) == 1.0
+
+
+def test_fitted_scores_are_standardised_on_reference_images_and_need_every_class():
+    g = torch.Generator().manual_seed(1)
+    model = _FlatFeatures(4, 3)
+    x = torch.randn(300, 1, 2, 2, generator=g)
+    y = torch.arange(3).repeat(100)
+    ref = torch.randn(200, 1, 2, 2, generator=g)
+    fns = ood.fit_scores(["grad_norm", "grad_norm+mahalanobis"], model, x, y, ref, num_classes=3)
+    assert set(fns) == {"grad_norm+mahalanobis"}
+    summed = ood.compute_scores(fns["grad_norm+mahalanobis"], model, ref)
+    assert abs(float(summed.mean())) < 1e-4  # each part has mean 0 on the reference images
+    with pytest.raises(JemlabError, match="classes \\[2\\]"):
+        ood.fit_scores(["mahalanobis"], model, x[y < 2], y[y < 2], ref, num_classes=3)
+
+
 def test_ood_set_builders():
     g = torch.Generator().manual_seed(0)
     n = 8

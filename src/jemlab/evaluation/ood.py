@@ -8,6 +8,12 @@ CelebA: log p(x) = -E(x) (AUROC .67/.67/.75), max p(y|x) (.89/.87/.79) and the g
 log p(x)||₂, and also uses interpolations of two test images as an OOD set. AUROC is computed here
 as the Mann-Whitney U statistic (probability that a random in-distribution score beats a random OOD
 score, ties counting 1/2).
+
+Two more scores are fitted on in-distribution data before use (`FITTED_SCORES`, built by
+:func:`fit_scores`): the Mahalanobis distance of the network's penultimate features to the nearest
+class mean under a shared covariance (Lee et al., NeurIPS 2018), and the sum of that score and the JEM
+gradient-norm score, each standardised on held-out in-distribution images (no OOD data is used to fit
+or weight anything).
 """
 
 from __future__ import annotations
@@ -24,17 +30,21 @@ from jemlab.errors import JemlabError
 from jemlab.evaluation._common import ArrayLike, check_scores
 
 __all__ = [
+    "FITTED_SCORES",
     "SCORE_FUNCTIONS",
     "EnergyModel",
+    "MahalanobisScore",
     "aupr",
     "auroc",
     "average_precision",
     "build_ood_sets",
     "compute_scores",
+    "fit_scores",
     "flip_horizontal",
     "flip_vertical",
     "fpr_at_tpr",
     "gaussian_noise",
+    "has_features",
     "interpolations",
     "invert",
     "ood_metrics",
@@ -289,6 +299,114 @@ SCORE_FUNCTIONS: dict[str, Callable[[EnergyModel, Tensor], Tensor]] = {
     "energy": score_energy,
     "grad_norm": score_grad_norm,
 }
+
+
+def has_features(model: object) -> bool:
+    """Whether the model exposes penultimate features (``features(x)`` or ``backbone(x)``) for `FITTED_SCORES`."""
+    return hasattr(model, "features") or hasattr(model, "backbone")
+
+
+def _features(model: EnergyModel, x: Tensor) -> Tensor:
+    """Penultimate features: ``model.features(x)`` when the model has it, else ``model.backbone(x)``."""
+    if hasattr(model, "features"):
+        return model.features(x)
+    if hasattr(model, "backbone"):
+        return model.backbone(x)
+    raise JemlabError("the Mahalanobis OOD score needs model.features(x) or model.backbone(x); this model has neither")
+
+
+class MahalanobisScore:
+    """Negative squared Mahalanobis distance of the penultimate features to the nearest class mean.
+
+    Class means and one covariance shared by all classes are estimated from labelled in-distribution
+    images (Lee et al., NeurIPS 2018, without their input pre-processing and layer ensemble). A small
+    ridge (1e-3 × the mean variance) keeps the covariance invertible.
+
+    Args:
+        model: The model (``features`` or ``backbone``).
+        x: (N, C, H, W) in-distribution images (the training split).
+        y: (N,) their labels.
+        num_classes: C.
+        batch_size: Batch size for the feature pass.
+    """
+
+    def __init__(self, model: EnergyModel, x: Tensor, y: Tensor, num_classes: int, batch_size: int = 256) -> None:
+        f = self._batched(model, x, batch_size).double()
+        y = y.to(f.device).long()
+        missing = [c for c in range(num_classes) if not bool((y == c).any())]
+        if missing:
+            raise JemlabError(f"Mahalanobis score: no fitting images of classes {missing}; fit on more images")
+        self.means = torch.stack([f[y == c].mean(0) for c in range(num_classes)])
+        centred = f - self.means[y]
+        cov = centred.T @ centred / len(f)
+        cov += 1e-3 * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+        self.precision = torch.linalg.inv(cov)
+
+    @staticmethod
+    def _batched(model: EnergyModel, x: Tensor, batch_size: int) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([_features(model, x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+
+    def __call__(self, model: EnergyModel, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            f = _features(model, x).double().to(self.means.device)
+            d = f[:, None, :] - self.means[None]
+            q = torch.einsum("ncd,de,nce->nc", d, self.precision, d)
+        return -q.min(dim=1).values.float().cpu()
+
+
+class StandardisedSum:
+    """Sum of scores, each standardised (zero mean, unit spread) on held-out in-distribution images."""
+
+    def __init__(self, parts: Sequence[Callable[[EnergyModel, Tensor], Tensor]], model: EnergyModel, x_ref: Tensor):
+        self.parts = list(parts)
+        self.stats = []
+        for part in self.parts:
+            ref = compute_scores(part, model, x_ref)
+            self.stats.append((float(ref.mean()), max(float(ref.std()), 1e-12)))
+
+    def __call__(self, model: EnergyModel, x: Tensor) -> Tensor:
+        total = torch.zeros(len(x))
+        for part, (mean, std) in zip(self.parts, self.stats, strict=True):
+            total += (part(model, x).detach().cpu().float() - mean) / std
+        return total
+
+
+FITTED_SCORES = ("mahalanobis", "grad_norm+mahalanobis")
+
+
+def fit_scores(
+    names: Sequence[str],
+    model: EnergyModel,
+    x_fit: Tensor,
+    y_fit: Tensor,
+    x_ref: Tensor,
+    num_classes: int,
+    batch_size: int = 256,
+) -> dict[str, Callable[[EnergyModel, Tensor], Tensor]]:
+    """Build the requested `FITTED_SCORES` from in-distribution data.
+
+    Args:
+        names: Score names (those not in `FITTED_SCORES` are ignored).
+        model: The model.
+        x_fit, y_fit: Labelled in-distribution images to fit class means and covariance on (training split).
+        x_ref: Other in-distribution images (validation split) to standardise the summed scores on.
+        num_classes: C.
+        batch_size: Batch size.
+
+    Returns:
+        ``{name: score_fn(model, x)}``, usable with :func:`compute_scores`.
+    """
+    wanted = [n for n in names if n in FITTED_SCORES]
+    if not wanted:
+        return {}
+    maha = MahalanobisScore(model, x_fit, y_fit, num_classes, batch_size)
+    out: dict[str, Callable[[EnergyModel, Tensor], Tensor]] = {}
+    if "mahalanobis" in wanted:
+        out["mahalanobis"] = maha
+    if "grad_norm+mahalanobis" in wanted:
+        out["grad_norm+mahalanobis"] = StandardisedSum([score_grad_norm, maha], model, x_ref)
+    return out
 
 
 def compute_scores(

@@ -88,7 +88,15 @@ class SuiteOptions:
     parts: tuple[str, ...] = _PARTS
     calibration_bins: int = cal.DEFAULT_N_BINS
     temperature_scaling: bool = True
-    ood_scores: tuple[str, ...] = ("log_px", "max_softmax", "energy", "grad_norm")
+    ood_scores: tuple[str, ...] = (
+        "log_px",
+        "max_softmax",
+        "energy",
+        "grad_norm",
+        "mahalanobis",
+        "grad_norm+mahalanobis",
+    )
+    ood_fit_n: int = 10000
     synthetic_ood: tuple[str, ...] = ("uniform", "gaussian", "interp", "vflip", "hflip", "invert")
     pgd_n: int = 200
     pgd_norms: tuple[str, ...] = ("linf", "l2")
@@ -115,12 +123,13 @@ class SuiteOptions:
         unknown = set(self.parts) - set(_PARTS)
         if unknown:
             raise JemlabError(f"unknown suite parts {sorted(unknown)}; choose from {list(_PARTS)}")
-        bad = set(self.ood_scores) - set(ood.SCORE_FUNCTIONS)
+        known = {*ood.SCORE_FUNCTIONS, *ood.FITTED_SCORES}
+        bad = set(self.ood_scores) - known
         if bad:
-            raise JemlabError(f"unknown OOD scores {sorted(bad)}; choose from {sorted(ood.SCORE_FUNCTIONS)}")
+            raise JemlabError(f"unknown OOD scores {sorted(bad)}; choose from {sorted(known)}")
         if set(self.pgd_norms) - {"linf", "l2"}:
             raise JemlabError(f"pgd_norms must be 'linf' and/or 'l2', got {list(self.pgd_norms)}")
-        for name in ("n_test", "n_ood", "batch_size", "pgd_steps", "pgd_restarts", "sample_batch"):
+        for name in ("n_test", "n_ood", "batch_size", "pgd_steps", "pgd_restarts", "sample_batch", "ood_fit_n"):
             if int(getattr(self, name)) < 1:
                 raise JemlabError(f"SuiteOptions.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("n_val", "pgd_n", "n_samples", "defence_steps", "defence_n"):
@@ -377,13 +386,38 @@ def run_suite(
                 sets.setdefault(name, xs)
             ood_metrics: dict[str, Any] = {}
             score_cache: dict[str, Tensor] = {}
-            for score_name in opts.ood_scores:
-                s_in = ood.compute_scores(score_name, model, x_in.to(device), opts.batch_size)
+            score_fns: dict[str, Any] = dict(ood.SCORE_FUNCTIONS)
+            score_names = list(opts.ood_scores)
+            fitted = [name for name in score_names if name in ood.FITTED_SCORES]
+            if fitted and not ood.has_features(model):
+                notes.append(f"OOD scores {', '.join(fitted)} skipped: the model exposes no penultimate features.")
+                score_names = [name for name in score_names if name not in fitted]
+                fitted = []
+            if fitted:
+                # Fitted on the training split (class means, covariance) and standardised on validation images.
+                fit_split = _split(splits, "train") or _split(splits, "val")
+                if fit_split is None:
+                    raise JemlabError(f"OOD scores {fitted} need a train or val split to fit on; drop them")
+                x_fit, y_fit = _load(fit_split, opts.ood_fit_n, gen, opts.batch_size)
+                ref_split = _split(splits, "val") or test
+                x_ref, _ = _load(ref_split, opts.n_ood, gen, opts.batch_size)
+                score_fns.update(
+                    ood.fit_scores(
+                        fitted, model, x_fit.to(device), y_fit, x_ref.to(device), num_classes, opts.batch_size
+                    )
+                )
+                notes.append(
+                    f"OOD scores {', '.join(fitted)}: class means and shared covariance of the penultimate features "
+                    f"fitted on {len(x_fit)} training images; the summed score standardises each part on "
+                    f"{len(x_ref)} validation images (no OOD data is used)."
+                )
+            for score_name in score_names:
+                s_in = ood.compute_scores(score_fns[score_name], model, x_in.to(device), opts.batch_size)
                 score_cache[score_name] = s_in
                 per_set: dict[str, Any] = {}
                 outs: dict[str, Tensor] = {}
                 for set_name, xs in sets.items():
-                    s_out = ood.compute_scores(score_name, model, xs.to(device), opts.batch_size)
+                    s_out = ood.compute_scores(score_fns[score_name], model, xs.to(device), opts.batch_size)
                     outs[set_name] = s_out
                     per_set[set_name] = ood.ood_metrics(s_in, s_out)
                 ood_metrics[score_name] = per_set
@@ -393,7 +427,7 @@ def run_suite(
                         ood.plot_score_histogram(
                             s_in,
                             outs,
-                            fig_dir / f"ood_hist_{score_name}.png",
+                            fig_dir / f"ood_hist_{score_name.replace('+', '_plus_')}.png",
                             title=f"OOD score: {score_name}",
                             score_name=score_name,
                         ),
@@ -407,9 +441,7 @@ def run_suite(
                         "model.energy differs from -logsumexp(logits) (separate energy head): the "
                         "'energy' and 'log_px' OOD scores are different functions."
                     )
-            ood_metrics["auroc_table"] = {
-                s: {k: v["auroc"] for k, v in ood_metrics[s].items()} for s in opts.ood_scores
-            }
+            ood_metrics["auroc_table"] = {s: {k: v["auroc"] for k, v in ood_metrics[s].items()} for s in score_names}
             metrics["ood"] = ood_metrics
             notes.append(
                 f"OOD: {n_in} in-distribution test images vs up to {opts.n_ood} per OOD set; "
@@ -418,7 +450,7 @@ def run_suite(
                 f"{', '.join(opts.synthetic_ood) or 'none'}."
             )
             timing["ood"] = time.monotonic() - t0
-            say(f"ood: {len(sets)} sets x {len(opts.ood_scores)} scores")
+            say(f"ood: {len(sets)} sets x {len(score_names)} scores")
 
         # ---------------------------------------------------------------- robustness
         if "robustness" in opts.parts and opts.pgd_n > 0:

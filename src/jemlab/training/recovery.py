@@ -93,7 +93,7 @@ class DivergenceDetector:
     A classifier collapse is the failure that the energy checks miss: a learning rate too large for the network kills
     it (dead units, saturated logits) and p(y|x) falls back to uniform while every energy stays finite and the loss
     looks calm. The detector follows fast averages of the batch cross-entropy and accuracy; once the classifier has
-    learned (its averaged cross-entropy went below `learned_fraction` × log C), `classifier_patience` iterations in
+    learned (its fast-averaged cross-entropy went below `learned_fraction` × log C), `classifier_patience` iterations in
     a row at chance level (cross-entropy ≥ `chance_fraction` × log C and accuracy at most 1.5/C) fire it. A faster
     average (about two iterations) makes the detector `suspect` as soon as the classifier has lost half of what it
     had learned; while it is, the trainer takes no healthy snapshot (it tries again at the next iteration), so a
@@ -242,7 +242,9 @@ class DivergenceDetector:
         self.ce_average = _average(self.ce_average, ce, self.average_decay)
         self.accuracy_average = _average(self.accuracy_average, accuracy, self.average_decay)
         self.ce_fast = _average(self.ce_fast, ce, self.suspect_decay)
-        self.ce_best = self.ce_average if self.ce_best is None else min(self.ce_best, self.ce_average)
+        # The best is taken over the fast average: a classifier that learned for a few iterations only and then died
+        # (seen with lr × 20) never brings the slower average down far enough.
+        self.ce_best = self.ce_fast if self.ce_best is None else min(self.ce_best, self.ce_fast)
         at_chance = self._learned() and self.ce_average >= self.chance_fraction * self.log_classes
         at_chance = at_chance and self.accuracy_average <= self.max_chance_accuracy
         self.at_chance = self.at_chance + 1 if at_chance else 0
