@@ -126,6 +126,6 @@ def build_actions(run: Any) -> ModelActions:
     """Pick the actions for a run by its model kind; an unknown kind is an error that lists the known ones."""
     kind = model_kind(run)
     if kind not in ACTION_FACTORIES:
-        raise JemlabError(f"the demo server has no actions for model kind '{kind}'; known: {', '.join(ACTION_FACTORIES)}")
+        known = ", ".join(ACTION_FACTORIES)
+        raise JemlabError(f"the demo server has no actions for model kind '{kind}'; known: {known}")
     return ACTION_FACTORIES[kind](run)
-
