@@ -131,8 +131,9 @@ def test_protocol_refusals(server):
     assert request(server, "POST", "/api/predict", raw=b"[1, 2]")[1] == {"error": "body must be a JSON object"}
     status, result = request(server, "POST", "/api/predict", raw=b"{}", headers={"Content-Type": "text/plain"})
     assert status == 415 and "application/json" in result["error"]
-    too_big = b"x" * (Limits().max_body_bytes + 1)
-    assert request(server, "POST", "/api/predict", raw=too_big)[0] == 413
+    # An oversized body is refused from its Content-Length alone, before it is read.
+    too_big = {"Content-Length": str(Limits().max_body_bytes + 1)}
+    assert request(server, "POST", "/api/predict", raw=b"{}", headers=too_big)[0] == 413
     assert request(server, "POST", "/api/nothing", {})[0] == 404
     assert request(server, "GET", "/api/nothing")[0] == 404
     # Paths never reach the file system: only the fixed static table is served.
@@ -195,3 +196,10 @@ def test_sample_animate_writes_a_gif(run_dir, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(run_dir)]) == 2
     assert "--animate" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(run_dir), "--animate", str(tmp_path / "x.png")]) == 2
+
+
+def test_serve_command_errors_are_one_line(tmp_path, capsys):
+    assert main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(tmp_path), "--reference-size", "20000"]) == 2
+    assert "at most 10000" in capsys.readouterr().err

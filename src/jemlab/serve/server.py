@@ -89,6 +89,8 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header(
             "Content-Security-Policy",
@@ -138,6 +140,7 @@ class DemoHandler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         try:
             if not self._host_ok():
+                self.close_connection = True  # the body stays unread: the connection cannot be reused
                 raise RequestError(HTTPStatus.FORBIDDEN, "this server answers only requests to a loopback host name")
             body = self._read_body()  # always drained first, so that a refusal leaves the connection usable
             if path not in routes:
