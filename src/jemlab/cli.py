@@ -1,9 +1,10 @@
 """Command line: parse → config → build → call. Nothing here trains, samples or scores by itself.
 
 jemlab train  [--preset NAME] [--dataset NAME] [--minutes M] [--epochs N] --run-dir DIR [--set key=value ...]
-jemlab sample --checkpoint PATH --num N [--per-class] [--steps K] --out FILE.(npz|png)
+jemlab sample --checkpoint PATH --num N [--per-class] [--steps K] --out FILE.(npz|png) [--animate FILE.gif]
 jemlab eval   --checkpoint PATH [--json FILE] [--all | --parts LIST] [--report DIR] [size flags ...]
 jemlab fid-ref --dataset NAME [--cache-dir DIR] [--force]
+jemlab serve  --checkpoint PATH [--port P] [--host H]
 jemlab presets
 """
 
@@ -117,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--out", required=True, type=Path, help="output .npz or .png")
+    p.add_argument("--out", type=Path, help="output .npz or .png")
+    p.add_argument("--animate", type=Path, metavar="FILE.gif", help="also (or only) write the chain as an animated GIF")
+    p.add_argument("--frames", type=_positive_int, default=20, help="GIF frames after the start (default: %(default)s)")
     p.set_defaults(func=cmd_sample)
+
+    _add_serve_parser(sub)
 
     # eval -----------------------------------------------------------------------------------------------------
     from jemlab.evaluation.defaults import EVAL_DEFAULTS as D
@@ -346,9 +351,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from jemlab.images import save_grid, save_npz
     from jemlab.run import load_run
 
-    suffix = args.out.suffix.lower()
-    if suffix not in (".npz", ".png"):
+    if args.out is None and args.animate is None:
+        raise ConfigError("pass --out FILE.npz|FILE.png, --animate FILE.gif, or both")
+    suffix = None if args.out is None else args.out.suffix.lower()
+    if suffix not in (None, ".npz", ".png"):
         raise ConfigError(f"--out must end in .npz or .png, got '{args.out}'")
+    if args.animate is not None and args.animate.suffix.lower() != ".gif":
+        raise ConfigError(f"--animate must end in .gif, got '{args.animate}'")
     run = load_run(args.checkpoint, device=args.device)
     labels = None
     n = args.num
@@ -356,12 +365,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels = torch.arange(run.num_classes).repeat_interleave(args.num)
         n = len(labels)
     generator = torch.Generator().manual_seed(args.seed)
-    x, protocol = generate(run, n, labels=labels, steps=args.steps, init=args.init, generator=generator)
+    nrow = args.num if args.per_class else None
+    if args.animate is not None:
+        from jemlab.animate import record_chain, save_gif
+
+        x, snapshots, protocol = record_chain(
+            run, n, labels=labels, steps=args.steps, frames=args.frames, init=args.init, generator=generator
+        )
+        save_gif(snapshots, args.animate, nrow=nrow)
+    else:
+        x, protocol = generate(run, n, labels=labels, steps=args.steps, init=args.init, generator=generator)
     if suffix == ".npz":
         save_npz(args.out, x, labels)
-    else:
-        save_grid(x, args.out, nrow=args.num if args.per_class else None)
-    report: dict[str, Any] = {"out": str(args.out), **protocol}
+    elif suffix == ".png":
+        save_grid(x, args.out, nrow=nrow)
+    report: dict[str, Any] = {"out": None if args.out is None else str(args.out), **protocol}
+    if args.animate is not None:
+        report["animate"] = str(args.animate)
     if labels is not None:
         with torch.no_grad():
             predicted = torch.cat([run.model.logits(c.to(run.device)).argmax(1).cpu() for c in x.split(256)])
@@ -588,6 +608,58 @@ def cmd_fid_ref(args: argparse.Namespace) -> int:
         log=_say,
     )
     print(json.dumps({"dataset": splits.name, "cached": cached, **info}))
+    return 0
+
+
+def _add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="a local web page: draw, classify, see the energy, refine with SGLD, watch chains",
+        description=(
+            "Serve a demo page for one checkpoint (standard-library HTTP server, no build step). The checkpoint is "
+            "read once at start-up; the page never names files. Binds to 127.0.0.1 unless --host says otherwise."
+        ),
+    )
+    _one_line_errors(p)
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file or run directory")
+    p.add_argument("--port", type=_nonneg_int, default=8000, help="port, 0 = any free one (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--data-dir", help="where the run's dataset lives, if not where its config says")
+    p.add_argument(
+        "--reference-size",
+        type=_nonneg_int,
+        default=1000,
+        help="test images scored at start-up for the OOD verdict, 0 = none (default: %(default)s, at most 10000)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from jemlab.serve.server import create_app, make_server
+
+    if args.reference_size > 10000:
+        raise ConfigError(f"--reference-size is at most 10000, got {args.reference_size}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    _say(f"serve: loading {args.checkpoint} and scoring the reference test images ...")
+    app = create_app(args.checkpoint, data_dir=args.data_dir, reference_size=args.reference_size, device=args.device)
+    if app.reference_note:
+        _say(f"serve: {app.reference_note}")
+    try:
+        server = make_server(app, args.host, args.port)
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); try another --port") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        _say(f"serve: warning: listening on {args.host}: anyone who can reach this address can use the page")
+    _say(f"serve: open {server.url} (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
     return 0
 
 
