@@ -133,6 +133,8 @@ def main() -> None:
                 "seconds": time.monotonic() - t0,
                 "error": error,
             }
+            if metrics["stop_reason"] in ("terminated", "interrupted"):
+                raise SystemExit(f"{metrics['stop_reason']}: the benchmark stops (no result written)")
             runs.append(run)
             print(json.dumps({k: v for k, v in run.items() if k != "error"}), flush=True)
 
