@@ -211,7 +211,7 @@ def wrap_for_loss(model: nn.Module, env: DistEnv) -> LossView:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [env.device.index] if env.device.type == "cuda" else None
-        module = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=True)
+        module = DistributedDataParallel(module, device_ids=ids)  # buffers (BN statistics) follow rank 0
     return LossView(module)
 
 
