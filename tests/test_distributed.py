@@ -210,3 +210,31 @@ def test_augment_crop_flip_shapes_and_content():
     for i in range(2):
         windows = [padded[i, :, r : r + 8, c : c + 8] for r in range(9) for c in range(9)]
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+
+
+def test_presets_and_sada_branch_with_bf16_loss(tiny_idx_dir):
+    """jem-cifar10 (alias jem) states the paper's augmentation; a step with an unaugmented p(x) branch and a bf16 loss
+    runs and reports the throughput keys."""
+    assert build_config("jem").to_dict() == {**build_config("jem-cifar10").to_dict(), "preset": "jem"}
+    assert build_config("jem-cifar10").data.augment == "crop_flip"
+    assert build_config("jem-svhn").data.augment == "crop"
+    extra = [("data.augment", "crop_flip"), ("data.augment_px", "none"), ("train.precision", "bf16")]
+    trainer = Trainer(build_config("default", [*_overrides(str(tiny_idx_dir)), *extra]), None)
+    x, y = trainer.batcher.next_batch()
+    stats = trainer.train_step(x, y, epoch=0)
+    assert {"loss", "energy_data", "energy_model", "sgld_steps", "sgld_chain_steps"} <= set(stats)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
+def test_jem_loss_scores_the_px_images_for_the_px_terms():
+    from jemlab.models import build_model
+    from jemlab.objectives import JEMWeights, jem_loss
+
+    model = build_model("mlp", (1, 4, 4), 3)
+    gen = torch.Generator().manual_seed(0)
+    x, x_px, x_model = (torch.rand((5, 1, 4, 4), generator=gen) for _ in range(3))
+    y = torch.tensor([0, 1, 2, 0, 1])
+    _, stats = jem_loss(model, x, y, x_model, JEMWeights(), x_data_px=x_px)
+    torch.testing.assert_close(stats["energy_data"], model.energy(x_px).mean().detach())
+    _, plain = jem_loss(model, x, y, x_model, JEMWeights())
+    torch.testing.assert_close(stats["ce"], plain["ce"])
