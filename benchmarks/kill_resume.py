@@ -31,7 +31,7 @@ from benchmarks.common import write_result
 from jemlab.errors import JemlabError
 from jemlab.training.checkpoint import load_checkpoint
 
-TIME_KEYS = ("elapsed_s", "it_per_s")
+TIME_KEYS = ("elapsed_s", "it_per_s", "images_per_s", "sgld_steps_per_s", "sgld_image_steps_per_s")
 
 
 def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -306,6 +307,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jemlab.config import config_from_dict, parse_overrides, set_value, validate_config
 
     config = _train_config(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.run_dir is None and not args.dry_run:
+        # Each torchrun process would name its own folder after its own clock.
+        raise ConfigError("with several processes (torchrun) pass --run-dir, the same for every process")
     run_dir = args.run_dir or Path("runs") / f"{config.preset}-{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     resume_from = None
     has_checkpoint = (run_dir / "checkpoints" / "latest").exists()
@@ -335,12 +339,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(config.to_json())
         return 0
 
+    from jemlab import distributed
     from jemlab.training.loop import Trainer
 
-    trainer = Trainer(config, run_dir)
-    result = trainer.fit(resume_from=resume_from, log_file=args.log_file)
+    try:
+        trainer = Trainer(config, run_dir)
+        result = trainer.fit(resume_from=resume_from, log_file=args.log_file)
+    finally:
+        distributed.shutdown()  # leave the torchrun process group (nothing to do for one process)
     summary = {k: result[k] for k in ("test_accuracy", "test_nll", "step", "elapsed_s") if k in result}
-    print(json.dumps(summary))
+    if trainer.dist.is_main:
+        print(json.dumps(summary))
     return 0
 
 

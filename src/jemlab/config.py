@@ -25,6 +25,8 @@ class DataConfig:
     val_size: int | None = None  # held-out validation images; None = min(5000, a tenth of the training set)
     limit: int | None = None  # use only this many training images (quick runs, tests)
     download: bool = True  # fetch from the official URLs if the files are nowhere on disk
+    augment: str = "none"  # training images for log p(y|x): none, crop (reflect-pad 4, random crop) or crop_flip
+    augment_px: str = "same"  # images for log p(x): same (as the CE branch) or none (unaugmented; SADA-JEM)
 
 
 @dataclass
@@ -104,6 +106,7 @@ class TrainConfig:
     max_abs_energy: float = 1e5  # divergence beyond this |energy| (recovery.* says what happens then)
     tensorboard: bool = True  # write TensorBoard events when the tensorboard package is installed
     progress: bool = True  # progress bar on a terminal
+    precision: str = "fp32"  # training loss forward/backward: fp32, bf16 (autocast) or fp16 (autocast + GradScaler)
 
 
 @dataclass
@@ -229,9 +232,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # SPEC S1, the JEM paper's CIFAR-10 recipe (Grathwohl et al., 2020, App. H; wgrathwohl/JEM defaults):
     # WRN-28-10 without normalisation, LeakyReLU(0.2), K = 20, α = 1, σ = 0.01, buffer 10,000 with 5% re-init,
-    # Adam 1e-4 with 1,000 warm-up iterations, batch 64, input noise 0.03, lr × 0.3 at epochs 160 and 180.
-    "jem": {
+    # Adam 1e-4 with 1,000 warm-up iterations, batch 64, input noise 0.03, lr × 0.3 at epochs 160 and 180, and the
+    # code's augmentation (reflect-pad 4, random crop, horizontal flip) for both the p(y|x) and the p(x) branch.
+    # ~100 GPU-hours on one GPU in the paper; with torchrun the batch of 64 is per process (docs/distributed.md).
+    "jem-cifar10": {
         "data.dataset": "cifar10",
+        "data.augment": "crop_flip",
         "model.name": "wide_resnet",
         "model.options": {"depth": 28, "widen": 10, "norm": None, "act": "leaky_relu"},
         "optim.schedule": "multistep",
@@ -270,6 +276,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 150 epochs with lr × 0.2 at 50, 100 and 125, batch 64, input noise 0.03, buffer 10,000 with 5% re-init.
     "jempp-cifar10": {
         "data.dataset": "cifar10",
+        "data.augment": "crop_flip",
         "model.name": "wide_resnet",
         "model.options": {"depth": 28, "widen": 10, "norm": "batch", "act": "leaky_relu"},
         "sampler.steps": 5,
@@ -295,6 +302,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.log_every": 100,
     },
 }
+# The JEM recipe on the paper's other two datasets (its appendix reports CIFAR-100 and SVHN with the same WRN-28-10);
+# SVHN takes no flip (a mirrored digit is another glyph: our choice).
+PRESETS["jem-cifar100"] = {**PRESETS["jem-cifar10"], "data.dataset": "cifar100"}
+PRESETS["jem-svhn"] = {**PRESETS["jem-cifar10"], "data.dataset": "svhn", "data.augment": "crop"}
+PRESETS["jem"] = PRESETS["jem-cifar10"]  # the preset's earlier name, kept as an alias
 
 
 # --- overrides and parsing -------------------------------------------------------------------------------------
@@ -534,6 +546,11 @@ def validate_config(config: Config) -> None:
     _check(d.val_size is None or d.val_size >= 0, f"data.val_size must be >= 0 or none, got {d.val_size}")
     _check(d.limit is None or d.limit > 0, f"data.limit must be > 0 or none, got {d.limit}")
     _check(
+        d.augment in ("none", "crop", "crop_flip"),
+        f"data.augment must be none, crop or crop_flip, got '{d.augment}'",
+    )
+    _check(d.augment_px in ("same", "none"), f"data.augment_px must be same or none, got '{d.augment_px}'")
+    _check(
         m.energy_head in ("logsumexp", "separate"),
         f"model.energy_head must be logsumexp or separate, got '{m.energy_head}'",
     )
@@ -631,6 +648,10 @@ def validate_config(config: Config) -> None:
     _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     _check(t.checkpoint_minutes > 0, f"train.checkpoint_minutes must be > 0, got {t.checkpoint_minutes}")
     _check(t.max_abs_energy > 0, f"train.max_abs_energy must be > 0, got {t.max_abs_energy}")
+    _check(
+        t.precision in ("fp32", "bf16", "fp16"),
+        f"train.precision must be fp32, bf16 or fp16 (fp16 needs a GPU), got '{t.precision}'",
+    )
     _validate_recovery(config.recovery)
     _check(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),

@@ -38,6 +38,7 @@ def jem_loss(
     weights: JEMWeights,
     x_model_cond: torch.Tensor | None = None,
     y_model_cond: torch.Tensor | None = None,
+    x_data_px: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Compute the weighted JEM loss from one forward pass over data and negatives together.
 
@@ -49,11 +50,14 @@ def jem_loss(
         weights: term weights.
         x_model_cond: (M', C, H, W) SGLD samples of p(x|y), needed when w_xy > 0.
         y_model_cond: (M',) the classes they were sampled for.
+        x_data_px: (B', C, H, W) data images for the log p(x) terms (e.g. unaugmented, SADA-JEM); None: x_data.
 
     Returns:
         (loss, stats): the scalar loss and detached per-term diagnostics.
     """
     parts = [x_data]
+    if x_data_px is not None:
+        parts.append(x_data_px)
     if x_model is not None:
         parts.append(x_model)
     if x_model_cond is not None:
@@ -61,6 +65,10 @@ def jem_loss(
     logits, energy = model.logits_and_energy(torch.cat(parts) if len(parts) > 1 else x_data)
     b = len(x_data)
     logits_data, energy_data = logits[:b], energy[:b]
+    offset, logits_px = b, logits_data
+    if x_data_px is not None:  # the p(x) and p(x|y) terms see their own data images (same labels); CE the first b
+        logits_px, energy_data = logits[b : b + len(x_data_px)], energy[b : b + len(x_data_px)]
+        offset += len(x_data_px)
 
     ce = F.cross_entropy(logits_data, y_data)
     loss = weights.ce * ce
@@ -69,7 +77,6 @@ def jem_loss(
         "train_accuracy": (logits_data.argmax(1) == y_data).float().mean().detach(),
         "energy_data": energy_data.detach().mean(),
     }
-    offset = b
     energies_for_l2 = [energy_data]
     if x_model is not None:
         energy_model = energy[offset : offset + len(x_model)]
@@ -83,7 +90,7 @@ def jem_loss(
         if y_model_cond is None:
             raise ValueError("x_model_cond needs y_model_cond")
         logits_cond = logits[offset:]
-        cd_xy = joint_energy(logits_data, y_data).mean() - joint_energy(logits_cond, y_model_cond).mean()
+        cd_xy = joint_energy(logits_px, y_data).mean() - joint_energy(logits_cond, y_model_cond).mean()
         loss = loss + weights.pxy * cd_xy
         stats["cd_xy"] = cd_xy.detach()
     if weights.energy_l2 > 0:

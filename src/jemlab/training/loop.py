@@ -6,7 +6,9 @@ log), per epoch (validate → samples → checkpoint), and the end (final checkp
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import subprocess
 import time
@@ -15,13 +17,16 @@ from typing import Any
 
 import torch
 
+from jemlab import distributed
 from jemlab.config import Config, validate_config
-from jemlab.data import ArrayDataset, DatasetSplits, RandomBatcher, load_dataset
+from jemlab.data import ArrayDataset, DatasetSplits, load_dataset
+from jemlab.data.augment import augment
 from jemlab.errors import CheckpointError, ConfigError, DivergenceError
 from jemlab.images import save_grid
 from jemlab.models import EnergyModel, build_model
 from jemlab.objectives import JEMWeights, jem_loss
 from jemlab.samplers import ReplayBuffer
+from jemlab.samplers.buffer_shards import shard_capacity
 from jemlab.samplers.init import initializer_from_config, initializer_state
 from jemlab.sampling import run_chains
 from jemlab.training.checkpoint import (
@@ -31,6 +36,7 @@ from jemlab.training.checkpoint import (
     resolve_checkpoint,
     save_run_checkpoint,
 )
+from jemlab.training.distributed_state import checkpoint_state, local_state
 from jemlab.training.logging import MetricsWriter, progress_bar, setup_logger
 from jemlab.training.recovery import DivergenceDetected, Recovery, StopRequest, gradient_norm, trim_metrics
 
@@ -120,8 +126,10 @@ class Trainer:
         t = config.train
         if t.threads is not None:
             torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device)
-        torch.manual_seed(t.seed)  # model initialisation
+        # One process or one of N under torchrun (distributed.py): rank, world size, this rank's device.
+        self.dist = distributed.init_distributed(t.device)
+        self.device = self.dist.device
+        torch.manual_seed(t.seed)  # model initialisation (the same on every rank)
 
         # Data: held in memory, batched by index with the batcher's own generator.
         d = config.data
@@ -133,7 +141,8 @@ class Trainer:
             download=d.download,
             limit=d.limit,
         )
-        self.batcher = RandomBatcher(self.splits.train, t.batch_size, seed=t.seed)
+        # One shuffle shared by all ranks; each takes its block of batch_size images from every global batch.
+        self.batcher = distributed.RankBatcher(self.splits.train, t.batch_size, seed=t.seed, env=self.dist)
 
         # Network.
         self.model: EnergyModel = build_model(
@@ -146,6 +155,12 @@ class Trainer:
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, config)
+        # The training loss runs through DDP with several processes (one gradient all-reduce per step); sampling,
+        # evaluation and samples use self.model directly.
+        self.loss_model = distributed.wrap_for_loss(self.model, self.dist)
+        self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
+        if self.dist.active:
+            torch.manual_seed(self.dist.seed(t.seed))  # per-rank global random stream after the shared init
         self.weights = JEMWeights(
             ce=config.objective.ce,
             px=config.objective.px,
@@ -156,8 +171,8 @@ class Trainer:
         # Sampler state: the replay buffer (CPU) and two random sources, one for buffer draws and one for the
         # Langevin and input noise on the training device. Each is seeded from the run seed.
         s = config.sampler
-        self.cpu_generator = torch.Generator().manual_seed(t.seed + 1)
-        self.noise_generator = torch.Generator(device=self.device).manual_seed(t.seed + 2)
+        self.cpu_generator = torch.Generator().manual_seed(self.dist.seed(t.seed + 1))
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(self.dist.seed(t.seed + 2))
         # The chain initialiser; a data-fitted one (JEM++ class Gaussians) is fitted here and saved in checkpoints.
         self.init = initializer_from_config(
             s, self.splits.image_shape, data=self.splits.train, num_classes=self.splits.num_classes
@@ -165,7 +180,7 @@ class Trainer:
         self.buffer: ReplayBuffer | None = None
         if s.persistent and (self.weights.px > 0 or self.weights.pxy > 0):
             self.buffer = ReplayBuffer(
-                s.buffer_size,
+                shard_capacity(s.buffer_size, self.dist),  # this rank's shard (all of it with one process)
                 self.splits.image_shape,
                 self.init,
                 reinit_prob=s.reinit_prob,
@@ -187,8 +202,8 @@ class Trainer:
     # --- state ---------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly."""
-        return {
+        """Everything needed to continue the run exactly (this rank's part; `save` gathers all ranks')."""
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "buffer": None if self.buffer is None else self.buffer.state_dict(),
@@ -200,6 +215,9 @@ class Trainer:
                 "noise_generator": self.noise_generator.get_state(),
             },
         }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -211,6 +229,8 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         self.cpu_generator.set_state(rng["cpu_generator"])
         self.noise_generator.set_state(rng["noise_generator"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
 
     def progress(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.batcher.epoch, "elapsed_s": self.elapsed}
@@ -219,7 +239,11 @@ class Trainer:
         """Write a checkpoint into the run directory (atomic; keeps the newest few)."""
         if self.run_dir is None:
             return None
+        state = checkpoint_state(self)  # with several processes: gathers every rank's buffer shard and generators
+        if not self.dist.is_main:
+            return None
         meta = {"config": self.config.to_dict(), "progress": self.progress(), "git_sha": git_sha()}
+        meta["world_size"] = self.dist.world_size
         meta["recovery"] = self.recovery.state_dict()
         meta["metrics_lines"] = self.metrics_lines
         meta["dataset"] = {
@@ -231,7 +255,7 @@ class Trainer:
         return save_run_checkpoint(
             self.run_dir,
             self.step,
-            self.state_dict(),
+            state,
             meta,
             keep=self.config.train.keep_checkpoints,
         )
@@ -240,9 +264,10 @@ class Trainer:
         """Load a checkpoint of this run (same config) and continue from its next iteration."""
         state, meta = load_checkpoint(path)
         try:
+            state, step = local_state(self, state, meta)  # this rank's part, for any number of processes
             self.load_state_dict(state)
             progress = meta["progress"]
-            self.step = int(progress["step"])
+            self.step = step
             self.elapsed = float(progress["elapsed_s"])
             if "recovery" in meta:  # the detector's averages and past recoveries continue too
                 self.recovery.load_state_dict(meta["recovery"])
@@ -280,7 +305,8 @@ class Trainer:
         )
         if draw is not None:
             self.buffer.update(draw, x)
-        return x, {"sgld_grad_norm": stats.grad_norm}
+        steps = self.config.sampler.steps
+        return x, {"sgld_grad_norm": stats.grad_norm, "sgld_steps": steps, "sgld_chain_steps": steps * n}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
         """One optimisation step on a batch: negatives, loss, backward, update."""
@@ -300,23 +326,61 @@ class Trainer:
         x_cond = y_cond = None
         if self.weights.pxy > 0:
             y_cond = y[:n_neg]
-            x_cond, _ = self.negatives(len(y_cond), labels=y_cond)
+            x_cond, cond_stats = self.negatives(len(y_cond), labels=y_cond)
+            for key in ("sgld_steps", "sgld_chain_steps"):
+                stats[key] = stats.get(key, 0) + cond_stats[key]
+        # Augmentation (data.augment) for log p(y|x); the p(x) terms take the unaugmented images with
+        # data.augment_px=none (SADA-JEM), else the same ones.
+        x_px = None
+        if cfg.data.augment != "none":
+            x_plain = x
+            x = augment(x, cfg.data.augment, self.noise_generator)
+            if cfg.data.augment_px == "none" and (self.weights.px > 0 or self.weights.pxy > 0):
+                x_px = x_plain
         if cfg.objective.input_noise > 0:
             noise = torch.randn(x.shape, generator=self.noise_generator, device=x.device)
             x = x + cfg.objective.input_noise * noise
+            if x_px is not None:
+                x_px = x_px + cfg.objective.input_noise * torch.randn(
+                    x_px.shape, generator=self.noise_generator, device=x.device
+                )
 
         self.model.train()
-        loss, loss_stats = jem_loss(self.model, x, y, x_model, self.weights, x_cond, y_cond)
-        stats.update({k: float(v) for k, v in loss_stats.items()})
-        self.check_divergence(stats, x_model)
+        with self.autocast():
+            loss, loss_stats = jem_loss(self.loss_model, x, y, x_model, self.weights, x_cond, y_cond, x_data_px=x_px)
+        # Averaged over ranks before any check reads them: every rank takes the same divergence decision.
+        stats.update(self.dist.mean({**loss_stats, **{k: v for k, v in stats.items() if k != "lr"}}))
+        self.check_divergence(stats, x_model if not self.dist.active else None)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is None:
+            loss.backward()  # with DDP: the gradient all-reduce (mean over ranks) happens here
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         stats["grad_norm"] = gradient_norm(params, cfg.optim.grad_clip)  # before clipping
+        if self.scaler is not None and not math.isfinite(stats["grad_norm"]):
+            # fp16 overflow: GradScaler skips this update and lowers its scale; a divergence shows in the loss.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stats["grad_norm"], stats["amp_skipped"] = 0.0, 1.0
+            self.step += 1
+            return stats
         self.check_gradients(stats["grad_norm"])
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.step += 1
         return stats
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the training loss (train.precision): autocast to bf16 or fp16, or nothing."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def check_divergence(self, stats: dict[str, float], x_model: torch.Tensor | None = None) -> None:
         """Raise `DivergenceDetected` (a DivergenceError) with a named reason before a non-finite or exploding loss
@@ -335,8 +399,14 @@ class Trainer:
     # --- evaluation and samples ----------------------------------------------------------------------------------
 
     def evaluate(self, split: str) -> dict[str, float]:
-        """Cross-entropy and accuracy of the classifier on the val or test split."""
-        return evaluate_split(self.model, getattr(self.splits, split), self.device, prefix=split)
+        """Cross-entropy and accuracy of the classifier on the val or test split.
+
+        With several processes each rank scores every world-th image and the sums are all-reduced (a collective).
+        """
+        data = getattr(self.splits, split)
+        shard = data.subset(slice(self.dist.rank, None, self.dist.world_size)) if self.dist.active else data
+        local = evaluate_split(self.model, shard, self.device, prefix=split)
+        return self.dist.weighted_mean(local, len(shard), [f"{split}_nll", f"{split}_accuracy"])
 
     def sample_grids(self, tag: str) -> list[Path]:
         """Save the current negatives (unconditional) and one row of conditional samples per class."""
@@ -379,15 +449,21 @@ class Trainer:
 
     def _fit(self, stop: StopRequest, resume_from: str | Path | None, log_file: str | Path | None) -> dict[str, Any]:
         cfg, t = self.config, self.config.train
-        log = setup_logger(self.run_dir, extra_file=log_file)
+        # Rank 0 writes every file (logs, metrics, checkpoints, samples); the other ranks only print warnings.
+        main = self.dist.is_main
+        log = setup_logger(self.run_dir if main else None, extra_file=log_file if main else None)
+        if not main:
+            log.setLevel(logging.WARNING)
 
         # Resume: model, optimizer, buffer, batcher position and RNG states continue exactly; metrics.jsonl is cut
         # back to what it held at the checkpoint, so that iterations logged after it (by a killed run) and logged
         # again now do not appear twice.
         if resume_from is not None:
             meta = self.resume(resume_from)
-            own_checkpoint = self.run_dir is not None and (
-                resolve_checkpoint(resume_from).resolve().parent == (self.run_dir / "checkpoints").resolve()
+            own_checkpoint = (
+                main
+                and self.run_dir is not None
+                and (resolve_checkpoint(resume_from).resolve().parent == (self.run_dir / "checkpoints").resolve())
             )
             if own_checkpoint:
                 metrics = self.run_dir / "metrics.jsonl"
@@ -395,7 +471,7 @@ class Trainer:
                 remove_stale_temporaries(self.run_dir / "checkpoints")
             log.info(f"resumed from {resume_from} at step {self.step}, epoch {self.batcher.epoch}")
         writer = None
-        if self.run_dir is not None:
+        if self.run_dir is not None and main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.run_dir / "config.json", (cfg.to_json() + "\n").encode())
             self.metrics_lines = _count_lines(self.run_dir / "metrics.jsonl")
@@ -413,6 +489,7 @@ class Trainer:
         log.info(
             f"jemlab: preset={cfg.preset} dataset={self.splits.name} model={cfg.model.name} "
             f"({n_params / 1e6:.2f}M params) device={self.device} threads={torch.get_num_threads()} "
+            f"processes={self.dist.world_size} "
             f"train={len(self.splits.train)} val={len(self.splits.val)} steps/epoch={steps_per_epoch} "
             f"budget={'none' if budget is None else f'{t.minutes:g} min'} run_dir={self.run_dir}"
         )
@@ -466,6 +543,7 @@ class Trainer:
                     }
                     record.update({k: v / window_count for k, v in window.items()})
                     record["it_per_s"] = window_count / max(now - window_start, 1e-9)
+                    record.update(_throughput(record, t.batch_size * self.dist.world_size, self.dist.world_size))
                     if self.buffer is not None:
                         record["buffer_mean"] = float(self.buffer.images.mean())
                         record["buffer_std"] = float(self.buffer.images.std())
@@ -475,7 +553,12 @@ class Trainer:
                     window, window_count, window_start = {}, 0, now
 
                 # End of epoch: validate, samples, checkpoint (every checkpoint is also a healthy snapshot).
-                out_of_time = budget is not None and self.elapsed >= budget
+                # Stop and checkpoint decisions are or-ed over ranks: saving and evaluating are collectives.
+                out_of_time, stop_now, checkpoint_due = self.dist.any(
+                    budget is not None and self.elapsed >= budget,
+                    stop.reason is not None,
+                    time.monotonic() - last_ckpt > t.checkpoint_minutes * 60,
+                )
                 saved = False
                 if self.step % steps_per_epoch == 0:
                     done_epochs = self.step // steps_per_epoch
@@ -488,13 +571,13 @@ class Trainer:
                     }
                     emit(record)
                     log.info(f"epoch {done_epochs}: " + _format_record(val))
-                    if done_epochs % t.sample_every == 0:
+                    if done_epochs % t.sample_every == 0 and main:
                         self.sample_grids(f"epoch{done_epochs:03d}")
                     if done_epochs % t.checkpoint_every == 0 and not out_of_time:
                         self.save()
                         saved = True
                         last_ckpt = time.monotonic()
-                elif time.monotonic() - last_ckpt > t.checkpoint_minutes * 60:
+                elif checkpoint_due:
                     self.save()
                     saved = True
                     last_ckpt = time.monotonic()
@@ -503,12 +586,16 @@ class Trainer:
                 if out_of_time:
                     stop_reason = "time budget"
                     break
-                if stop.reason is not None:
-                    stop_reason = stop.reason
-                    log.info(f"{stop.reason} at step {self.step}; saving a checkpoint")
+                if stop_now:
+                    stop_reason = stop.reason or "terminated"  # the signal may have reached another rank only
+                    log.info(f"{stop_reason} at step {self.step}; saving a checkpoint")
                     break
         except KeyboardInterrupt:
             # A second Ctrl-C, possibly half-way through an iteration: save the last healthy snapshot instead.
+            # With several processes the ranks may be inside different collectives: exit without saving (the
+            # last checkpoint stays the run's state).
+            if self.dist.active:
+                raise
             self.recovery.restore_snapshot(self)
             stop_reason = "interrupted"
             log.info(f"interrupted; saving the state of step {self.step}")
@@ -545,7 +632,7 @@ class Trainer:
         )
         if writer:
             writer.close()
-        if self.run_dir is not None:
+        if self.run_dir is not None and main:
             # Sample grids only when the run ended by itself: after a signal the process is asked to exit now.
             done = stop_reason in ("epochs", "time budget")
             final["samples"] = [str(p) for p in self.sample_grids("final")] if done else []
@@ -554,6 +641,16 @@ class Trainer:
         if failure is not None:
             raise DivergenceError(failure)
         return final
+
+
+def _throughput(record: dict[str, Any], global_batch: int, world: int) -> dict[str, float]:
+    """Images/s (all ranks) and SGLD steps/s (chain batches per rank; chain-image steps over all ranks)."""
+    rate = record["it_per_s"]
+    out = {"images_per_s": rate * global_batch}
+    if "sgld_steps" in record:
+        out["sgld_steps_per_s"] = rate * record["sgld_steps"]
+        out["sgld_image_steps_per_s"] = rate * record["sgld_chain_steps"] * world
+    return out
 
 
 def _count_lines(path: Path) -> int:

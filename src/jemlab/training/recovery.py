@@ -463,9 +463,10 @@ class Recovery:
         trainer.weights.energy_l2 = self.config.objective.energy_l2
         if uses_sampler and self.policy.reseed_chains:
             # A new, recorded seed for the chains: the buffer draws and the Langevin noise take another path.
+            # Per rank with several processes (base * world + rank), so the ranks' chains stay independent.
             seed = self.config.train.seed + 1_000_003 * (self.recoveries + 1)
-            trainer.cpu_generator.manual_seed(seed)
-            trainer.noise_generator.manual_seed(seed + 1)
+            trainer.cpu_generator.manual_seed(trainer.dist.seed(seed))
+            trainer.noise_generator.manual_seed(trainer.dist.seed(seed + 1))
             changes["chain_seed"] = [None, seed]
         if trainer.buffer is not None and self.policy.buffer_reset_fraction > 0:
             n = reset_buffer_fraction(trainer.buffer, self.policy.buffer_reset_fraction, trainer.cpu_generator)
