@@ -176,6 +176,13 @@ class Trainer:
                 generator=self.cpu_generator,
             )
 
+        # EGC (SPEC S5, objective.name=egc): its loss step and EMA weights live in training/egc.py.
+        self.egc = None
+        if config.objective.name == "egc":
+            from jemlab.training.egc import EGCTraining
+
+            self.egc = EGCTraining(config, self.model)
+
         self.step = 0
         self.elapsed = 0.0  # training seconds, carried over on resume
 
@@ -186,9 +193,14 @@ class Trainer:
 
     # --- state ---------------------------------------------------------------------------------------------------
 
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights to evaluate and sample with: the EMA for EGC, else the live model."""
+        return self.model if self.egc is None else self.egc.ema.model
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run exactly."""
-        return {
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "buffer": None if self.buffer is None else self.buffer.state_dict(),
@@ -200,6 +212,9 @@ class Trainer:
                 "noise_generator": self.noise_generator.get_state(),
             },
         }
+        if self.egc is not None:
+            state["egc"] = self.egc.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -211,6 +226,8 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         self.cpu_generator.set_state(rng["cpu_generator"])
         self.noise_generator.set_state(rng["noise_generator"])
+        if self.egc is not None:
+            self.egc.load_state_dict(state["egc"])
 
     def progress(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.batcher.epoch, "elapsed_s": self.elapsed}
@@ -284,6 +301,8 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
         """One optimisation step on a batch: negatives, loss, backward, update."""
+        if self.egc is not None:
+            return self.egc.train_step(self, x, y, epoch)
         cfg = self.config
         x, y = x.to(self.device), y.to(self.device)
         if cfg.train.channels_last:
@@ -336,11 +355,11 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Cross-entropy and accuracy of the classifier on the val or test split."""
-        return evaluate_split(self.model, getattr(self.splits, split), self.device, prefix=split)
+        return evaluate_split(self.eval_model, getattr(self.splits, split), self.device, prefix=split)
 
     def sample_grids(self, tag: str) -> list[Path]:
         """Save the current negatives (unconditional) and one row of conditional samples per class."""
-        if self.run_dir is None or (self.weights.px == 0 and self.weights.pxy == 0):
+        if self.run_dir is None or (self.weights.px == 0 and self.weights.pxy == 0 and self.egc is None):
             return []
         from jemlab.generate import generate
 
