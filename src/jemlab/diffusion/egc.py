@@ -27,6 +27,17 @@ def schedule_from_config(config: Config) -> NoiseSchedule:
     return NoiseSchedule(config.egc.schedule, config.egc.timesteps)
 
 
+def langevin_at_t0(config: Config) -> tuple[float, float]:
+    """(step size α, noise σ) of Langevin dynamics on EGC's t = 0 density, for the SGLD-refinement defence.
+
+    The t = 0 energy is trained at noise level σ_0 = √(1 − ᾱ_0) (0.01 for the linear schedule), where ∇ₓE is of
+    order 1/σ_0; JEM's cold α = 1 would throw images far outside [−1, 1]. The textbook step α = σ_0²/2 with noise
+    σ_0 samples that density instead.
+    """
+    sigma0 = float((1 - schedule_from_config(config).alpha_bar[0]).sqrt())
+    return sigma0**2 / 2, sigma0
+
+
 def guided_eps(
     model: Any,
     x: torch.Tensor,
@@ -120,7 +131,7 @@ def generate_egc(
                 clip_x0=cfg.clip_x0,
                 generator=noise_gen,
             )
-            out.append(x.float().cpu())
+            out.append(x.clamp(-1, 1).float().cpu())
     model.train(was_training)
     protocol = {
         "init": "noise",

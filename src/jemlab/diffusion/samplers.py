@@ -86,7 +86,7 @@ def sample(
         generator: random source of the per-step noise (on x_T's device).
 
     Returns:
-        x_0 estimates, (N, C, H, W), clamped to [−1, 1].
+        x_0 estimates, (N, C, H, W) (not clamped: callers that want images clamp to [−1, 1]).
     """
     taus = timestep_subsequence(schedule.timesteps, steps)
     alpha_bar = schedule.alpha_bar.tolist()
@@ -99,7 +99,7 @@ def sample(
         if eta > 0 and i + 1 < len(taus):
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = diffusion_step(x, eps, alpha_bar[t], alpha_bar_s, eta, noise, clip_x0)
-    return x.clamp(-1, 1)
+    return x
 
 
 # name → η, so that both samplers share one loop (DDPM ancestral = DDIM with η = 1).

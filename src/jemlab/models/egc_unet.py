@@ -57,6 +57,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Reductions over hundreds of pixels in float32 (or float64) even when the network ran in bfloat16."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
@@ -230,7 +235,8 @@ class EGCUNet(nn.Module):
         t = torch.as_tensor(t, device=device)
         if t.dim() == 0:
             t = t.expand(n)
-        emb = self.time_embed(timestep_embedding(t, self.width))  # (N, 4·width)
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.width).to(dtype))  # (N, 4·width)
         if self.label_embed is not None:
             if y is None:
                 y = torch.full((n,), self.num_classes, device=device, dtype=torch.long)
@@ -271,8 +277,8 @@ class EGCUNet(nn.Module):
     def energy_from_map(self, m: torch.Tensor) -> torch.Tensor:
         """E (N,) from a logit map: −Σ_pixels logsumexp (``map``) or −logsumexp of the pooled logits."""
         if self.energy_form == "map":
-            return -torch.logsumexp(m.float(), dim=1).sum(dim=(1, 2))
-        return marginal_energy(self.pool_logits(m).float())
+            return -torch.logsumexp(_at_least_fp32(m), dim=1).sum(dim=(1, 2))
+        return marginal_energy(_at_least_fp32(self.pool_logits(m)))
 
     # --- noise-conditional API ---------------------------------------------------------------------------------
 
