@@ -69,6 +69,18 @@ def test_double_backprop_reaches_every_weight():
     assert not missing
 
 
+def test_bf16_autocast_loss_is_finite():
+    from jemlab.objectives import EGCWeights, egc_loss
+
+    model = tiny_egc("map")
+    x0, y = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0])
+    loss, _ = egc_loss(
+        model, NoiseSchedule("cosine", 50), x0, y, EGCWeights(), torch.Generator().manual_seed(0), torch.bfloat16
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("name", ["linear", "cosine"])
 def test_forward_process_has_the_right_marginals(name):
     schedule = NoiseSchedule(name, 1000)
