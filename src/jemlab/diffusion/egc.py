@@ -92,7 +92,7 @@ def generate_egc(
         n: number of samples.
         labels: (n,) classes for class-conditional samples, or None.
         steps: sampler steps (default egc.sample_steps).
-        generator: CPU random source; a fixed seed gives the same samples.
+        generator: random source (CPU or the model's device); a fixed seed gives the same samples.
         batch_size: images denoised at once.
 
     Returns:
@@ -103,14 +103,16 @@ def generate_egc(
     cfg = source.config.egc
     if labels is not None and len(labels) != n:
         raise JemlabError(f"got {len(labels)} labels for {n} samples")
-    model = getattr(source, "eval_model", None) or source.model
+    model = getattr(source, "eval_model", None)
+    model = source.model if model is None else model
     schedule = schedule_from_config(source.config)
     steps = cfg.sample_steps if steps is None else steps
     eta = sampler_eta(cfg.sampler, cfg.eta)
     generator = generator or torch.Generator().manual_seed(0)
     shape = tuple(source.image_shape) if hasattr(source, "image_shape") else tuple(source.splits.image_shape)
-    x_T = torch.randn((n, *shape), generator=generator)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    # Starting noise from the caller's generator (on its own device), per-step noise from one seeded from it.
+    x_T = torch.randn((n, *shape), generator=generator, device=generator.device)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     noise_gen = torch.Generator(device=source.device).manual_seed(seed)
     was_training = model.training
     model.eval()
