@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of samples (with --per-class: per class) (default: %(default)s)",
     )
     p.add_argument("--per-class", action="store_true", help="class-conditional samples, one row per class")
-    p.add_argument("--steps", type=_nonneg_int, help="SGLD steps (default: the run's sampler.steps)")
+    p.add_argument(
+        "--steps", type=_nonneg_int, help="SGLD steps (default: the run's sampler.steps); EGC runs: sampler steps"
+    )
     p.add_argument(
         "--init",
         choices=["auto", "buffer", "noise"],
@@ -122,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output .npz or .png")
     p.add_argument("--animate", type=Path, metavar="FILE.gif", help="also (or only) write the chain as an animated GIF")
     p.add_argument("--frames", type=_positive_int, default=20, help="GIF frames after the start (default: %(default)s)")
+    g = p.add_argument_group("EGC runs (objective egc)")
+    g.add_argument("--sampler", choices=["ddim", "ddpm"], help="diffusion sampler (default: the run's egc.sampler)")
+    g.add_argument(
+        "--guidance",
+        type=_number(float, 0.0, True, "a number >= 0"),
+        help="classifier-guidance scale of --per-class samples (default: the run's egc.guidance)",
+    )
     p.set_defaults(func=cmd_sample)
 
     _add_serve_parser(sub)
@@ -368,6 +377,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.animate is not None and args.animate.suffix.lower() != ".gif":
         raise ConfigError(f"--animate must end in .gif, got '{args.animate}'")
     run = load_run(args.checkpoint, device=args.device)
+    _egc_sample_flags(args, run.config)
     labels = None
     n = args.num
     if args.per_class:
@@ -397,6 +407,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         report["self_agreement"] = float((predicted == labels).float().mean())
     print(json.dumps(report))
     return 0
+
+
+def _egc_sample_flags(args: argparse.Namespace, config: Any) -> None:
+    """Apply `sample`'s EGC-only flags to the loaded run's config (an error for JEM runs)."""
+    from jemlab.config import set_value, validate_config
+
+    given = {name: getattr(args, name) for name in ("sampler", "guidance") if getattr(args, name) is not None}
+    if not given:
+        return
+    if config.objective.name != "egc":
+        raise ConfigError(f"--{next(iter(given))} applies to EGC runs only; this run's objective is jem")
+    for name, value in given.items():
+        set_value(config, f"egc.{name}", value)
+    validate_config(config)
 
 
 # --- eval and fid-ref: argument types and commands ---------------------------------------------------------------

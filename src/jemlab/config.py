@@ -67,6 +67,7 @@ class SamplerConfig:
 
 @dataclass
 class ObjectiveConfig:
+    name: str = "jem"  # jem (CE + contrastive divergence, SGLD negatives) or egc (diffusion; see the egc section)
     ce: float = 1.0  # weight of log p(y|x)
     px: float = 1.0  # weight of log p(x) (contrastive divergence); 0 gives a plain softmax classifier
     pxy: float = 0.0  # weight of log p(x|y)
@@ -137,6 +138,26 @@ class RecoveryConfig:
 
 
 @dataclass
+class EGCConfig:
+    """EGC (Guo et al., ICCV 2023; SPEC S5), read when objective.name=egc: noise schedule, loss, EMA, sampler."""
+
+    schedule: str = "linear"  # β schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)
+    timesteps: int = 1000  # T diffusion steps
+    gamma: float = 0.005  # weight of CE(f(x_t, t), y)·√ᾱ_t on noisy images (EGC: 0.001–0.005)
+    gamma_clean: float = 0.005  # weight of CE(f(x_0, 0), y) on clean images
+    label_smoothing: float = 0.2  # of both CE terms
+    label_dropout: float = 0.1  # fraction of labels replaced by "no label" in the denoising term
+    ema: float = 0.9999  # decay of the EMA weights used for evaluation and sampling
+    ema_warmup: bool = True  # decay min(ema, (1 + n)/(10 + n)) after n updates, so short runs get a useful EMA
+    sampler: str = "ddim"  # ddim (deterministic for eta=0) or ddpm (ancestral)
+    sample_steps: int = 100  # sampler steps (a subsequence of the T timesteps)
+    eta: float = 0.0  # DDIM stochasticity (0 = deterministic, 1 = DDPM-like)
+    guidance: float = 1.0  # scale of the model's own classifier gradient for class-conditional samples
+    clip_x0: bool = True  # clip the predicted clean image to [−1, 1] at each sampler step
+    precision: str = "fp32"  # fp32 or bf16 (autocast of the training forward passes)
+
+
+@dataclass
 class Config:
     preset: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -146,6 +167,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    egc: EGCConfig = field(default_factory=EGCConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -301,6 +323,80 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.epochs": 150,
         "train.log_every": 100,
     },
+    # SPEC S5, EGC (Guo et al., ICCV 2023) on Fashion-MNIST/MNIST for a 2-core CPU. The network is a small
+    # UNet (base width 32, two resolutions, attention at the lower one) that works on 2×2 pixel patches (14×14,
+    # then 7×7): the energy is differentiated twice per step (ε̂ = √(1 − ᾱ_t) ∇ₓE), so a full-resolution UNet costs
+    # ~4× more per iteration for little gain at 28×28. The logit map and its energy stay per pixel (the official
+    # form). Adam 1e-3 (as the JEM CPU presets; in smoke runs it lowered CE faster than 5e-4 at the same denoising
+    # loss) with warm-up and grad-clip 1.0; EMA 0.999 because a one-hour run is only ~5,000 steps and
+    # the paper's 0.9999 would average over twice that. CE weights: the paper's γ = 0.005 is tuned for ~1M steps;
+    # here the classifier must train within ~5,000. At initialisation the clean-image CE gradient is ~0.4× the
+    # denoising gradient (norms over all weights, measured on a Fashion-MNIST batch; docs/egc.md), so
+    # γ_clean = 1 gives the t = 0 classifier, the one that is evaluated, a share of the updates comparable to
+    # denoising, and γ = 0.1 keeps the noisy-image CE (which guidance reads) a smaller auxiliary term. Chosen from
+    # that measurement and short smoke runs, not from a sweep: watch `ce` and `mse` in the log of a long run.
+    "egc": {
+        "objective.name": "egc",
+        "objective.px": 0.0,
+        "objective.input_noise": 0.0,
+        "model.name": "egc_unet",
+        "model.options": {
+            "width": 32,
+            "channel_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attention": [2],
+            "patch": 2,
+            "energy": "map",
+            "pool": "mean",
+            "label_conditioning": True,
+        },
+        "optim.lr": 1e-3,
+        "optim.warmup_steps": 200,
+        "optim.grad_clip": 1.0,
+        "train.batch_size": 64,
+        "train.log_every": 50,
+        "train.sample_every": 2,  # a grid is 144 guided DDIM-50 samples, ~20 s on 2 cores
+        "egc.gamma": 0.1,
+        "egc.gamma_clean": 1.0,
+        "egc.ema": 0.999,
+        "egc.sample_steps": 50,
+    },
+    # SPEC S5 at paper scale on CIFAR-10: γ = 0.005 for CE on noisy images (weighted by √ᾱ_t) and on clean ones,
+    # label smoothing 0.2, 10% of labels dropped, grad-clip 1.0, EMA 0.9999, DDIM with 100 steps, linear schedule
+    # with 1,000 steps. Not in SPEC S5 (taken from the DDPM CIFAR-10 model, Ho et al., 2020, which the EGC
+    # backbone follows): UNet width 128, multipliers (1, 2, 2, 2), 2 residual blocks per resolution, attention at
+    # 16×16, dropout 0.1, Adam 2e-4, batch 128, ~800k steps (2,000 epochs); the official attention pooling.
+    "egc-cifar10": {
+        "data.dataset": "cifar10",
+        "objective.name": "egc",
+        "objective.px": 0.0,
+        "objective.input_noise": 0.0,
+        "model.name": "egc_unet",
+        "model.options": {
+            "width": 128,
+            "channel_mult": [1, 2, 2, 2],
+            "num_res_blocks": 2,
+            "attention": [2],
+            "dropout": 0.1,
+            "patch": 1,
+            "energy": "map",
+            "pool": "attention",
+            "label_conditioning": True,
+        },
+        "optim.lr": 2e-4,
+        "optim.warmup_steps": 1000,
+        "optim.grad_clip": 1.0,
+        "train.batch_size": 128,
+        "train.epochs": 2000,
+        "train.sample_every": 50,
+        "train.checkpoint_every": 5,
+        "egc.gamma": 0.005,
+        "egc.gamma_clean": 0.005,
+        "egc.label_smoothing": 0.2,
+        "egc.label_dropout": 0.1,
+        "egc.ema": 0.9999,
+        "egc.sample_steps": 100,
+    },
 }
 # The JEM recipe on the paper's other two datasets (its appendix reports CIFAR-100 and SVHN with the same WRN-28-10);
 # SVHN takes no flip (a mirrored digit is another glyph: our choice).
@@ -311,7 +407,7 @@ PRESETS["jem"] = PRESETS["jem-cifar10"]  # the preset's earlier name, kept as an
 
 # --- overrides and parsing -------------------------------------------------------------------------------------
 
-_SECTIONS = ("data", "model", "sampler", "objective", "optim", "train", "recovery")
+_SECTIONS = ("data", "model", "sampler", "objective", "optim", "train", "recovery", "egc")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -532,6 +628,37 @@ def _validate_recovery(r: RecoveryConfig) -> None:
     _check(r.classifier_patience >= 0, f"recovery.classifier_patience must be >= 0, got {r.classifier_patience}")
 
 
+def _validate_egc(config: Config) -> None:
+    """EGC keys, and the objective/model pairing: the EGC loss needs the noise-conditional energy network."""
+    e, o = config.egc, config.objective
+    _check(o.name in ("jem", "egc"), f"objective.name must be jem or egc, got '{o.name}'")
+    _check(e.schedule in ("linear", "cosine"), f"egc.schedule must be linear or cosine, got '{e.schedule}'")
+    _check(e.timesteps >= 2, f"egc.timesteps must be >= 2, got {e.timesteps}")
+    for name in ("gamma", "gamma_clean"):
+        _check(getattr(e, name) >= 0, f"egc.{name} must be >= 0, got {getattr(e, name)}")
+    _check(0 <= e.label_smoothing < 1, f"egc.label_smoothing must be in [0, 1), got {e.label_smoothing}")
+    _check(0 <= e.label_dropout <= 1, f"egc.label_dropout must be in [0, 1], got {e.label_dropout}")
+    _check(0 <= e.ema < 1, f"egc.ema must be in [0, 1), got {e.ema}")
+    _check(e.sampler in ("ddim", "ddpm"), f"egc.sampler must be ddim or ddpm, got '{e.sampler}'")
+    _check(
+        1 <= e.sample_steps <= e.timesteps,
+        f"egc.sample_steps must be in [1, egc.timesteps={e.timesteps}], got {e.sample_steps}",
+    )
+    _check(0 <= e.eta <= 1, f"egc.eta must be in [0, 1], got {e.eta}")
+    _check(e.guidance >= 0, f"egc.guidance must be >= 0, got {e.guidance}")
+    _check(e.precision in ("fp32", "bf16"), f"egc.precision must be fp32 or bf16, got '{e.precision}'")
+    if o.name == "egc":
+        _check(
+            config.model.name == "egc_unet",
+            f"objective.name=egc needs model.name=egc_unet (the noise-conditional energy network), "
+            f"got '{config.model.name}'; start from --preset egc",
+        )
+        _check(
+            o.px == 0 and o.pxy == 0,
+            "objective.name=egc draws no SGLD negatives: set objective.px=0 and objective.pxy=0",
+        )
+
+
 def validate_config(config: Config) -> None:
     """Range and choice checks; each failure names the key and the accepted values."""
     _validate_finite(config)
@@ -653,6 +780,7 @@ def validate_config(config: Config) -> None:
         f"train.precision must be fp32, bf16 or fp16 (fp16 needs a GPU), got '{t.precision}'",
     )
     _validate_recovery(config.recovery)
+    _validate_egc(config)
     _check(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
         f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'",

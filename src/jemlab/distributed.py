@@ -119,6 +119,25 @@ class DistEnv:
         dist.all_gather(out, padded)
         return [o.cpu()[: int(s)] for o, s in zip(out, sizes, strict=True)]
 
+    def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Replace each gradient by its mean over ranks (one all-reduce of the flattened gradients).
+
+        For objectives that cannot go through the DDP wrapper: EGC differentiates the energy twice (its noise
+        estimate is an input gradient), which DDP's bucketed all-reduce hooks do not support.
+        """
+        if not self.active:
+            return
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if not grads:
+            return
+        flat = self._comm(torch.cat([g.reshape(-1) for g in grads]))
+        dist.all_reduce(flat)
+        flat = flat.to(grads[0].device) / self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

@@ -101,7 +101,7 @@ def generate(
         source: a Trainer or a loaded run.
         n: number of samples.
         labels: (n,) classes for p(x|y) samples, or None for p(x).
-        steps: SGLD steps (default: the run's sampler.steps).
+        steps: SGLD steps (default: the run's sampler.steps); for EGC runs, DDIM/DDPM steps (egc.sample_steps).
         init: "auto" (buffer when there is one), "buffer" or "noise".
         generator: random source (CPU) for starting points and Langevin noise; fixed seed → same samples.
         batch_size: chains run at once.
@@ -111,6 +111,12 @@ def generate(
     """
     if init not in ("auto", "buffer", "noise"):
         raise JemlabError(f"unknown init '{init}'; choose auto, buffer or noise")
+    if source.config.objective.name == "egc":  # EGC runs sample with DDIM/DDPM from noise (diffusion/egc.py)
+        if init == "buffer":
+            raise JemlabError("EGC runs have no replay buffer: their samplers start from noise (init 'noise')")
+        from jemlab.diffusion.egc import generate_egc
+
+        return generate_egc(source, n, labels=labels, steps=steps, generator=generator, batch_size=batch_size)
     if init == "buffer" and source.buffer is None:
         raise JemlabError("this run has no replay buffer (short-run sampler); use init 'noise'")
     if labels is not None and len(labels) != n:

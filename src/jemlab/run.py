@@ -55,7 +55,9 @@ def load_run(path: str | Path, device: str = "auto") -> LoadedRun:
     dev = resolve_device(device)
     model = build_model(config.model.name, image_shape, num_classes, config.model.energy_head, config.model.options)
     try:
-        model.load_state_dict(state["model"])
+        # EGC runs are evaluated and sampled with their EMA weights (kept next to the live ones).
+        weights = state["egc"]["ema"]["weights"] if isinstance(state.get("egc"), dict) else state["model"]
+        model.load_state_dict(weights)
     except (RuntimeError, KeyError) as err:
         raise CheckpointError(f"{file}: weights do not match the model in its config ({err})") from None
     model = model.to(dev).eval()

@@ -115,15 +115,25 @@ def make_defend_fn(
         ``defend(x) -> x_refined``, differentiable in x.
     """
     s = run.config.sampler
+    run_step_size, run_noise = _langevin_settings(run)
     return langevin_defence(
         run.model.energy,
         steps=steps,
-        step_size=s.step_size if step_size is None else step_size,
-        noise_std=s.noise if noise is None else noise,
+        step_size=run_step_size if step_size is None else step_size,
+        noise_std=run_noise if noise is None else noise,
         init_noise_std=init_noise,
         generator=generator,
         grad_clamp=s.grad_clamp,
     )
+
+
+def _langevin_settings(run: LoadedRun) -> tuple[float, float]:
+    """(α, σ) of the run's own Langevin dynamics: sampler.* for JEM runs, the t = 0 noise level for EGC runs."""
+    if run.config.objective.name == "egc":
+        from jemlab.diffusion.egc import langevin_at_t0
+
+        return langevin_at_t0(run.config)
+    return run.config.sampler.step_size, run.config.sampler.noise
 
 
 # ---------------------------------------------------------------- OOD datasets
@@ -381,6 +391,7 @@ def _protocol_entries(
             "sgld_steps": first.get("steps"),
             "step_size": first.get("step_size"),
             "noise": first.get("noise"),
+            **{k: first[k] for k in ("sampler", "eta", "guidance", "schedule", "weights") if k in first},
             "sampler_calls": len(sample_protocols),
         }
 
@@ -429,7 +440,7 @@ def evaluate_run(
     sample_fn = None
     if "samples" in opts.parts:
         sample_fn = make_sample_fn(run, steps=sample_steps, init=sample_init, protocols=sample_protocols)
-        if run.buffer is None and sample_init != "noise":
+        if run.buffer is None and sample_init != "noise" and run.config.objective.name != "egc":
             notes.append("Samples: the run kept no replay buffer, so chains start from noise.")
 
     ood_sets: dict[str, Tensor] = {}
@@ -450,7 +461,7 @@ def evaluate_run(
     defence: dict[str, Any] | None = None
     if "robustness" in opts.parts and opts.defence_steps > 0:
         s = run.config.sampler
-        opts.defence_step_size, opts.defence_noise = s.step_size, s.noise
+        opts.defence_step_size, opts.defence_noise = _langevin_settings(run)
         defend_fn = make_defend_fn(
             run,
             steps=opts.defence_steps,
@@ -461,8 +472,8 @@ def evaluate_run(
             "method": "SGLD refinement of the input on the model's energy, logits averaged over chains",
             "attack": "EOT: PGD differentiates through every refinement step (no BPDA approximation)",
             "steps": opts.defence_steps,
-            "step_size": s.step_size,
-            "noise": s.noise,
+            "step_size": opts.defence_step_size,
+            "noise": opts.defence_noise,
             "grad_clamp": s.grad_clamp,
             "init_noise": opts.defence_init_noise,
             "chains": opts.defence_chains,

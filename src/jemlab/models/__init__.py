@@ -13,6 +13,7 @@ from torch import nn
 
 from jemlab.errors import ConfigError
 from jemlab.models.cnn import CourseCNN, SmallCNN
+from jemlab.models.egc_unet import EGCUNet
 from jemlab.models.energy_model import EnergyModel
 from jemlab.models.mlp import MLP
 from jemlab.models.wide_resnet import WideResNet
@@ -26,13 +27,20 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "wide_resnet": WideResNet,
 }
 
+# name → constructor of a complete model with the EnergyModel interface (logits, energy, logits_and_energy,
+# joint_energy) plus its own extras; called with (in_channels, image_size, num_classes, **options).
+# egc_unet: EGC's noise-conditional energy UNet (SPEC S5), trained with objective.name=egc.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "egc_unet": EGCUNet,
+}
+
 
 def backbone_options(name: str) -> list[str]:
     """The keyword arguments a backbone accepts besides the image shape (used to validate config keys)."""
-    if name not in BACKBONES:
-        raise ConfigError(f"unknown model '{name}'; choose one of: {', '.join(sorted(BACKBONES))}")
-    params = inspect.signature(BACKBONES[name]).parameters
-    return [p for p in params if p not in ("in_channels", "image_size")]
+    if name not in BACKBONES and name not in MODELS:
+        raise ConfigError(f"unknown model '{name}'; choose one of: {', '.join(sorted({**BACKBONES, **MODELS}))}")
+    params = inspect.signature(MODELS.get(name) or BACKBONES[name]).parameters
+    return [p for p in params if p not in ("in_channels", "image_size", "num_classes")]
 
 
 def build_model(
@@ -42,7 +50,7 @@ def build_model(
     energy_head: str = "logsumexp",
     options: dict[str, Any] | None = None,
 ) -> EnergyModel:
-    """Build an EnergyModel from a registry name.
+    """Build an EnergyModel from a registry name (or, for a name in ``MODELS``, that complete model).
 
     Args:
         name: backbone name, one of ``BACKBONES``.
@@ -62,8 +70,10 @@ def build_model(
     channels, height, width = image_shape
     if height != width:
         raise ConfigError(f"images must be square, got {height}x{width}")
+    if name in MODELS:  # a complete model (EGC): no separate head to add
+        return MODELS[name](in_channels=channels, image_size=height, num_classes=num_classes, **options)
     backbone = BACKBONES[name](in_channels=channels, image_size=height, **options)
     return EnergyModel(backbone, num_classes=num_classes, energy_head=energy_head)
 
 
-__all__ = ["BACKBONES", "EnergyModel", "backbone_options", "build_model"]
+__all__ = ["BACKBONES", "MODELS", "EGCUNet", "EnergyModel", "backbone_options", "build_model"]

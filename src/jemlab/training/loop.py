@@ -191,6 +191,13 @@ class Trainer:
                 generator=self.cpu_generator,
             )
 
+        # EGC (SPEC S5, objective.name=egc): its loss step and EMA weights live in training/egc.py.
+        self.egc = None
+        if config.objective.name == "egc":
+            from jemlab.training.egc import EGCTraining
+
+            self.egc = EGCTraining(config, self.model)
+
         self.step = 0
         self.elapsed = 0.0  # training seconds, carried over on resume
 
@@ -200,6 +207,11 @@ class Trainer:
         self.metrics_lines = 0  # lines of run_dir/metrics.jsonl written so far (recorded in checkpoints)
 
     # --- state ---------------------------------------------------------------------------------------------------
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights to evaluate and sample with: the EMA for EGC, else the live model."""
+        return self.model if self.egc is None else self.egc.ema.model
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run exactly (this rank's part; `save` gathers all ranks')."""
@@ -217,6 +229,8 @@ class Trainer:
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.egc is not None:
+            state["egc"] = self.egc.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -231,6 +245,8 @@ class Trainer:
         self.noise_generator.set_state(rng["noise_generator"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
+        if self.egc is not None:
+            self.egc.load_state_dict(state["egc"])
 
     def progress(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.batcher.epoch, "elapsed_s": self.elapsed}
@@ -310,6 +326,8 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
         """One optimisation step on a batch: negatives, loss, backward, update."""
+        if self.egc is not None:
+            return self.egc.train_step(self, x, y, epoch)
         cfg = self.config
         x, y = x.to(self.device), y.to(self.device)
         if cfg.train.channels_last:
@@ -405,12 +423,12 @@ class Trainer:
         """
         data = getattr(self.splits, split)
         shard = data.subset(slice(self.dist.rank, None, self.dist.world_size)) if self.dist.active else data
-        local = evaluate_split(self.model, shard, self.device, prefix=split)
+        local = evaluate_split(self.eval_model, shard, self.device, prefix=split)
         return self.dist.weighted_mean(local, len(shard), [f"{split}_nll", f"{split}_accuracy"])
 
     def sample_grids(self, tag: str) -> list[Path]:
         """Save the current negatives (unconditional) and one row of conditional samples per class."""
-        if self.run_dir is None or (self.weights.px == 0 and self.weights.pxy == 0):
+        if self.run_dir is None or (self.weights.px == 0 and self.weights.pxy == 0 and self.egc is None):
             return []
         from jemlab.generate import generate
 

@@ -1,0 +1,156 @@
+"""EGC's diffusion pieces against known answers: ε̂ = √(1 − ᾱ_t)∇ₓE by finite differences, the forward marginals,
+DDIM/DDPM with an exact noise oracle on Gaussian data, and fixed-seed determinism of generation."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from jemlab.config import build_config
+from jemlab.diffusion import NoiseSchedule, sample, timestep_subsequence
+from jemlab.diffusion.egc import generate_egc, guided_eps
+from jemlab.models import build_model
+
+
+def tiny_egc(energy: str = "map", conditional: bool = True, pool: str = "mean", seed: int = 0) -> torch.nn.Module:
+    """A small EGC network on 8×8 images with every weight random (the zero-initialised ones too)."""
+    torch.manual_seed(seed)
+    options = {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention": [2], "energy": energy}
+    model = build_model("egc_unet", (1, 8, 8), 3, options={**options, "pool": pool, "label_conditioning": conditional})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("energy", "conditional", "pool"), [("map", True, "mean"), ("pooled", False, "attention"), ("map", False, "mean")]
+)
+def test_eps_is_scaled_energy_gradient_by_finite_differences(energy, conditional, pool):
+    model = tiny_egc(energy, conditional, pool).double().eval()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    t = torch.tensor([3, 700])
+    y = torch.tensor([1, 3]) if conditional else None  # 3 = the "no label" token
+    sigma = torch.tensor([0.3, 0.9], dtype=torch.float64).view(2, 1, 1, 1)
+    eps = model.eps(x, t, sigma, y=y)
+    h = 1e-6
+    for index in [(0, 0, 0, 0), (0, 0, 3, 5), (1, 0, 7, 2), (1, 0, 4, 4)]:
+        bump = torch.zeros_like(x)
+        bump[index] = h
+        diff = (model.energy_t(x + bump, t, y) - model.energy_t(x - bump, t, y)) / (2 * h)  # (N,)
+        n = index[0]
+        assert eps[index].item() == pytest.approx(sigma[n].item() * diff[n].item(), rel=1e-5, abs=1e-8)
+
+
+def test_energy_at_t0_is_the_evaluation_interface():
+    model = tiny_egc("pooled", conditional=False).eval()
+    x = torch.randn(3, 1, 8, 8)
+    logits, energy = model.logits_and_energy(x)
+    assert torch.allclose(logits, model.logits(x)) and torch.allclose(energy, model.energy(x))
+    # With the pooled energy, E(x, 0) is the JEM energy of the t = 0 classifier.
+    assert torch.allclose(energy, -torch.logsumexp(logits, dim=1), atol=1e-5)
+    map_model = tiny_egc("map").eval()
+    m = map_model.logit_map(x, 0)
+    assert torch.allclose(map_model.energy(x), -torch.logsumexp(m, dim=1).sum(dim=(1, 2)), atol=1e-4)
+
+
+def test_double_backprop_reaches_every_weight():
+    from jemlab.objectives import EGCWeights, egc_loss
+
+    model = tiny_egc("map")
+    schedule = NoiseSchedule("linear", 100)
+    x0, y = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0])
+    loss, stats = egc_loss(model, schedule, x0, y, EGCWeights(), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert {"mse", "ce", "ce_noisy", "train_accuracy"} <= set(stats)
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_bf16_autocast_loss_is_finite():
+    from jemlab.objectives import EGCWeights, egc_loss
+
+    model = tiny_egc("map")
+    x0, y = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0])
+    loss, _ = egc_loss(
+        model, NoiseSchedule("cosine", 50), x0, y, EGCWeights(), torch.Generator().manual_seed(0), torch.bfloat16
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_forward_process_has_the_right_marginals(name):
+    schedule = NoiseSchedule(name, 1000)
+    alpha_bar = schedule.alpha_bar
+    assert torch.all(alpha_bar[1:] < alpha_bar[:-1]) and alpha_bar[0] > 0.99 and alpha_bar[-1] < 1e-3
+    # Gaussian data N(μ, s²): x_t ~ N(√ᾱ μ, ᾱ s² + 1 − ᾱ), for each of three noise levels.
+    gen = torch.Generator().manual_seed(0)
+    n, mu, s = 200_000, 0.4, 0.5
+    t = torch.tensor([10, 400, 900]).repeat_interleave(n)
+    x0 = mu + s * torch.randn(3 * n, 1, generator=gen, dtype=torch.float64)
+    x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=gen, dtype=torch.float64)).view(3, n)
+    ab = alpha_bar[[10, 400, 900]]
+    assert torch.allclose(x_t.mean(1), ab.sqrt() * mu, atol=5e-3)
+    assert torch.allclose(x_t.var(1), ab * s**2 + 1 - ab, atol=1e-2)
+
+
+def _gaussian_oracle(schedule: NoiseSchedule, mu: float, s: float):
+    """The exact E[ε | x_t] for data N(μ, s²): σ_t (x_t − √ᾱ μ)/(ᾱ s² + σ_t²)."""
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        root, sigma = schedule.signal(t, x), schedule.sigma(t, x)
+        return sigma * (x - root * mu) / (root**2 * s**2 + sigma**2)
+
+    return eps_fn
+
+
+@pytest.mark.parametrize(("eta", "steps", "tolerance"), [(0.0, 100, 0.02), (0.0, 1000, 0.005), (1.0, 1000, 0.01)])
+def test_sampler_with_perfect_oracle_recovers_gaussian_data(eta, steps, tolerance):
+    """DDIM (η = 0) and DDPM (η = 1) driven by the exact E[ε | x_t] of Gaussian data reach that data's mean and
+    spread; DDIM's 100-step discretisation shrinks the spread slightly, and 1,000 steps remove that."""
+    schedule, mu, s = NoiseSchedule("linear", 1000), 0.3, 0.5
+    gen = torch.Generator().manual_seed(1)
+    x_T = torch.randn(10_000, 1, 2, 2, generator=gen, dtype=torch.float64)
+    x0 = sample(_gaussian_oracle(schedule, mu, s), schedule, x_T, steps=steps, eta=eta, clip_x0=False, generator=gen)
+    assert x0.mean().item() == pytest.approx(mu, abs=0.01)
+    assert x0.std().item() == pytest.approx(s, abs=tolerance)
+
+
+def test_timestep_subsequence_spans_the_schedule():
+    taus = timestep_subsequence(1000, 50)
+    assert len(taus) == 50 and taus[0] == 999 and taus[-1] == 0 and torch.all(taus[1:] < taus[:-1])
+    assert torch.equal(timestep_subsequence(10, 10), torch.arange(9, -1, -1))
+
+
+def _source(model: torch.nn.Module, **egc) -> SimpleNamespace:
+    config = build_config("egc", [(f"egc.{k}", v) for k, v in egc.items()])
+    return SimpleNamespace(model=model.eval(), config=config, device=torch.device("cpu"), image_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_generation_with_a_fixed_generator_is_deterministic(sampler):
+    source = _source(tiny_egc("map"), sampler=sampler, sample_steps=4, guidance=1.0)
+    labels = torch.tensor([0, 1, 2, 1])
+    runs = [
+        generate_egc(source, 4, labels=labels, generator=torch.Generator().manual_seed(seed))[0] for seed in (5, 5, 6)
+    ]
+    assert runs[0].shape == (4, 1, 8, 8) and runs[0].abs().max() <= 1
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    _, protocol = generate_egc(source, 3, generator=torch.Generator().manual_seed(5))
+    assert protocol["sampler"] == sampler and protocol["steps"] == 4 and not protocol["conditional"]
+
+
+def test_guidance_adds_the_classifier_gradient():
+    model = tiny_egc("map", conditional=False).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([100, 500])
+    sigma, y = torch.tensor([0.5, 0.8]).view(2, 1, 1, 1), torch.tensor([2, 0])
+    plain = guided_eps(model, x, t, sigma, y, guidance=0.0)
+    assert torch.allclose(plain, model.eps(x, t, sigma), atol=1e-6)
+    x_in = x.clone().requires_grad_(True)
+    log_py = torch.log_softmax(model.logits_t(x_in, t), 1).gather(1, y.view(-1, 1)).sum()
+    (grad_log_py,) = torch.autograd.grad(log_py, x_in)
+    guided = guided_eps(model, x, t, sigma, y, guidance=2.0)
+    assert torch.allclose(guided, plain - 2.0 * sigma * grad_log_py, atol=1e-5)

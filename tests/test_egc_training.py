@@ -1,0 +1,129 @@
+"""EGC through the shared machinery: config validation, Trainer steps with EMA, exact resume, load_run with EMA
+weights, and the CLI round trip train → sample → eval (fast path and the suite)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from jemlab.cli import main
+from jemlab.config import build_config
+from jemlab.errors import ConfigError
+from jemlab.run import load_run
+from jemlab.training.loop import Trainer
+
+# A tiny EGC network and a short sampler, so that a run on the fake dataset takes seconds.
+TINY_EGC = [
+    ("model.options", {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "patch": 2, "attention": []}),
+    ("egc.sample_steps", 3),
+    ("egc.ema", 0.9),
+]
+
+
+def tiny_config(tiny_config_overrides):
+    return build_config("egc", [*tiny_config_overrides, *TINY_EGC])
+
+
+def test_egc_config_is_validated():
+    config = build_config("egc")
+    assert (config.objective.name, config.model.name, config.objective.px) == ("egc", "egc_unet", 0.0)
+    paper = build_config("egc-cifar10")
+    assert (paper.egc.gamma, paper.egc.label_smoothing, paper.egc.label_dropout, paper.egc.ema) == (
+        0.005,
+        0.2,
+        0.1,
+        0.9999,
+    )
+    assert (paper.optim.grad_clip, paper.egc.sample_steps, paper.egc.timesteps) == (1.0, 100, 1000)
+    with pytest.raises(ConfigError, match=re.escape("egc.schedule must be linear or cosine")):
+        build_config("egc", [("egc.schedule", "quadratic")])
+    with pytest.raises(ConfigError, match=re.escape("needs model.name=egc_unet")):
+        build_config("default", [("objective.name", "egc"), ("objective.px", 0)])
+    with pytest.raises(ConfigError, match="draws no SGLD negatives"):
+        build_config("egc", [("objective.px", 1.0)])
+    with pytest.raises(ConfigError, match=re.escape("egc.sample_steps must be in")):
+        build_config("egc", [("egc.sample_steps", 2000)])
+    with pytest.raises(ConfigError, match="has no option"):
+        build_config("egc", [("model.depth", 3)])
+
+
+def test_trainer_steps_update_ema_and_resume_exactly(tmp_path, tiny_config_overrides):
+    trainer = Trainer(tiny_config(tiny_config_overrides), tmp_path / "run")
+    assert trainer.buffer is None and trainer.egc is not None
+    for _ in range(3):
+        stats = trainer.train_step(*trainer.batcher.next_batch(), epoch=0)
+    assert {"loss", "mse", "ce", "ce_noisy", "train_accuracy", "grad_norm"} <= set(stats)
+    assert trainer.egc.ema.updates == 3
+    live, ema = trainer.model.state_dict(), trainer.eval_model.state_dict()
+    assert any(not torch.equal(live[k], ema[k]) for k in live)  # the EMA lags the live weights
+    trainer.save()
+    for _ in range(2):
+        trainer.train_step(*trainer.batcher.next_batch(), epoch=0)
+    expected = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    expected_ema = {k: v.clone() for k, v in trainer.eval_model.state_dict().items()}
+
+    resumed = Trainer(tiny_config(tiny_config_overrides), tmp_path / "run2")
+    resumed.resume(tmp_path / "run")
+    for _ in range(2):
+        resumed.train_step(*resumed.batcher.next_batch(), epoch=0)
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    for key, value in resumed.eval_model.state_dict().items():
+        assert torch.equal(value, expected_ema[key]), key
+
+    # A loaded run evaluates and samples with the EMA weights of the checkpoint.
+    trainer.save()
+    run = load_run(tmp_path / "run", device="cpu")
+    for key, value in run.model.state_dict().items():
+        assert torch.equal(value, expected_ema[key]), key
+
+
+def _train_args(data_dir, run_dir):
+    return [
+        "train", "--preset", "egc", "--data-dir", str(data_dir), "--run-dir", str(run_dir),
+        "--epochs", "1", "--batch-size", "32", "--no-progress",
+        "--set", "data.val_size=100", "--set", "data.download=false", "--set", "train.tensorboard=false",
+        "--set", "train.log_every=5", "--set", "egc.sample_steps=3", "--set", "egc.ema=0.9",
+        "--set", 'model.options={"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "patch": 2}',
+    ]  # fmt: skip
+
+
+def test_cli_train_sample_eval_round_trip(tmp_path, tiny_idx_dir, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(_train_args(tiny_idx_dir, run)) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= summary["test_accuracy"] <= 1
+    assert (run / "samples" / "final_per_class.png").exists()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("mse" in line for line in lines)
+
+    out = tmp_path / "s.npz"
+    args = ["sample", "--checkpoint", str(run), "--num", "2", "--per-class", "--out", str(out), "--steps", "4"]
+    assert main([*args, "--guidance", "2", "--sampler", "ddpm"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sampler"] == "ddpm" and report["steps"] == 4 and report["guidance"] == 2.0
+    assert 0 <= report["self_agreement"] <= 1
+    with np.load(out) as data:
+        assert data["images"].shape == (20, 1, 28, 28) and data["images"].min() >= 0 and data["images"].max() <= 1
+    assert main(["sample", "--checkpoint", str(run), "--num", "4", "--init", "buffer", "--out", str(out)]) == 2
+    assert "no replay buffer" in capsys.readouterr().err
+
+    assert main(["eval", "--checkpoint", str(run), "--data-dir", str(tiny_idx_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == summary["test_accuracy"]
+
+    monkeypatch.setenv("JEMLAB_DATA", str(tmp_path / "cache"))
+    report_dir = tmp_path / "report"
+    args = ["eval", "--checkpoint", str(run), "--data-dir", str(tiny_idx_dir), "--report", str(report_dir)]
+    sizes = ["--n-test", "60", "--n-val", "30", "--n-ood", "20", "--n-samples", "10", "--sample-steps", "2"]
+    sizes += ["--pgd-n", "4", "--pgd-steps", "1", "--eps-linf", "0,8/255", "--eps-l2", "0,0.5"]
+    parts = ["--parts", "classification,calibration,ood,robustness,samples", "--no-train-feature-net"]
+    assert main([*args, *parts, *sizes, "--ood-datasets", "none"]) == 0
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == summary["test_accuracy"]
+    protocol = metrics["samples"]["protocol"]
+    assert (protocol["sgld_steps"], protocol["chains_from"], protocol["sampler"]) == (2, "noise", "ddim")
+    assert "energy" in metrics["ood"] and "uniform" in metrics["ood"]["energy"]
