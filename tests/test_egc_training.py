@@ -109,6 +109,16 @@ def test_cli_train_sample_eval_round_trip(tmp_path, tiny_idx_dir, monkeypatch, c
     assert 0 <= report["self_agreement"] <= 1
     with np.load(out) as data:
         assert data["images"].shape == (20, 1, 28, 28) and data["images"].min() >= 0 and data["images"].max() <= 1
+    gif = tmp_path / "chain.gif"
+    assert (
+        main(["sample", "--checkpoint", str(run), "--num", "1", "--per-class", "--animate", str(gif), "--steps", "4"])
+        == 0
+    )
+    capsys.readouterr()
+    from PIL import Image
+
+    with Image.open(gif) as animation:
+        assert animation.n_frames == 5  # x_T and one frame per DDIM step
     assert main(["sample", "--checkpoint", str(run), "--num", "4", "--init", "buffer", "--out", str(out)]) == 2
     assert "no replay buffer" in capsys.readouterr().err
 

@@ -176,11 +176,11 @@ def test_no_reference_means_no_verdict(app):
 def test_actions_are_chosen_by_model_kind(run_dir, monkeypatch):
     run = load_run(run_dir, device="cpu")
     assert model_kind(run) == "jem"
-    run.meta["kind"] = "egc"
-    with pytest.raises(JemlabError, match="no actions for model kind 'egc'"):
+    run.meta["kind"] = "flow"
+    with pytest.raises(JemlabError, match="no actions for model kind 'flow'"):
         build_actions(run)
     seen = []
-    monkeypatch.setitem(ACTION_FACTORIES, "egc", lambda r: seen.append(r) or ACTION_FACTORIES["jem"](r))
+    monkeypatch.setitem(ACTION_FACTORIES, "flow", lambda r: seen.append(r) or ACTION_FACTORIES["jem"](r))
     assert build_actions(run).kind == "jem" and seen == [run]
 
 

@@ -45,6 +45,8 @@ def record_chain(
     if frames < 1:
         raise JemlabError(f"frames must be >= 1, got {frames}")
     generator = generator or torch.Generator().manual_seed(0)
+    if source.config.objective.name == "egc":
+        return _record_diffusion(source, n, labels, steps, frames, generator)
     cfg = source.config.sampler
     steps = cfg.steps if steps is None else steps
     x, protocol = generate(source, n, labels=labels, steps=0, init=init, generator=generator)  # starting points
@@ -68,6 +70,39 @@ def record_chain(
         x = out.float().cpu().contiguous()
         snapshots.append(x.clone())
     return x, snapshots, {**protocol, "steps": steps, "frames": len(snapshots)}
+
+
+def _record_diffusion(
+    source: SamplingSource,
+    n: int,
+    labels: torch.Tensor | None,
+    steps: int | None,
+    frames: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, Any]]:
+    """An EGC run's chain: x_T ~ N(0, I) denoised by its sampler, the noisy x_t shown clamped to [−1, 1]."""
+    from jemlab.diffusion.egc import denoise_segment
+
+    cfg = source.config.egc
+    steps = cfg.sample_steps if steps is None else steps
+    shape = tuple(source.image_shape) if hasattr(source, "image_shape") else tuple(source.splits.image_shape)
+    model = getattr(source, "eval_model", None)
+    model = source.model if model is None else model
+    x = torch.randn((n, *shape), generator=generator)
+    y = None if labels is None else labels.to(source.device)
+    frames = max(1, min(frames, steps))
+    chunks = [steps // frames + (1 if i < steps % frames else 0) for i in range(frames)]
+    snapshots, done = [x.clamp(-1, 1)], 0
+    x = x.to(source.device)
+    for chunk in chunks:
+        x = denoise_segment(
+            model, source.config, x, done, done + chunk, labels=y, generator=generator, sample_steps=steps
+        )
+        done += chunk
+        snapshots.append(x.clamp(-1, 1).float().cpu())
+    guidance = cfg.guidance if y is not None else 0.0
+    protocol = {"init": "noise", "sampler": cfg.sampler, "steps": steps, "guidance": guidance}
+    return snapshots[-1], snapshots, {**protocol, "frames": len(snapshots), "weights": "ema"}
 
 
 def save_gif(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from jemlab.config import Config
-from jemlab.diffusion.samplers import sample, sampler_eta
+from jemlab.diffusion.samplers import diffusion_step, sample, sampler_eta, timestep_subsequence
 from jemlab.diffusion.schedule import NoiseSchedule
 from jemlab.errors import JemlabError
 
@@ -149,3 +149,52 @@ def generate_egc(
         "n": n,
     }
     return torch.cat(out).contiguous(), protocol
+
+
+def denoise_segment(
+    model: Any,
+    config: Config,
+    x: torch.Tensor,
+    start: int,
+    stop: int,
+    *,
+    labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    sample_steps: int | None = None,
+) -> torch.Tensor:
+    """Steps `start` … `stop` − 1 of the run's sampler (`sample_steps`, default ``egc.sample_steps``, steps from x_T
+    to an image), for
+    callers that show a chain as it goes (``jemlab sample --animate``, ``jemlab serve``).
+
+    Positions past the end leave x unchanged; the last step clamps the image to [−1, 1]. Runs on x's device; the
+    per-step noise (DDPM, or DDIM with η > 0) comes from `generator` (CPU) and is moved there.
+    """
+    from jemlab.sampling import frozen
+
+    cfg = config.egc
+    schedule = schedule_from_config(config)
+    taus = timestep_subsequence(schedule.timesteps, sample_steps or cfg.sample_steps).tolist()
+    alpha_bar = schedule.alpha_bar.tolist()
+    eta = sampler_eta(cfg.sampler, cfg.eta)
+    with frozen(model):
+        for i in range(max(start, 0), min(stop, len(taus))):
+            t = torch.full((len(x),), taus[i], dtype=torch.long, device=x.device)
+            eps = guided_eps(model, x, t, schedule.sigma(t, x), labels, cfg.guidance)
+            last = i + 1 == len(taus)
+            noise = None
+            if not last and eta > 0:
+                noise = torch.randn(x.shape, generator=generator).to(x.device)
+            x = diffusion_step(x, eps, alpha_bar[taus[i]], 1.0 if last else alpha_bar[taus[i + 1]], eta, noise)
+            if last:
+                x = x.clamp(-1, 1)
+    return x
+
+
+def renoise_position(config: Config, x0: torch.Tensor, fraction_left: float, generator: torch.Generator):
+    """Noise clean images to the sampler position where `fraction_left` of the steps remain (SDEdit, Meng et al.,
+    2022); returns (x_t, position)."""
+    schedule = schedule_from_config(config)
+    taus = timestep_subsequence(schedule.timesteps, config.egc.sample_steps).tolist()
+    position = min(len(taus) - 1, round((1 - fraction_left) * len(taus)))
+    ab = float(schedule.alpha_bar[taus[position]])
+    return ab**0.5 * x0 + (1 - ab) ** 0.5 * torch.randn(x0.shape, generator=generator), position

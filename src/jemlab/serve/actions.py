@@ -2,9 +2,11 @@
 
 The page needs four things from a model: classify an image and give its energy (``predict``), start chains
 (``start``), move chains a few steps along the model's sampler (``advance``; used for "refine" and for the live
-chains) and the scores the OOD verdict ranks against (``ood_scores``). ``ModelActions`` bundles them. A JEM provides
-them through SGLD on E(x) or E(x, y); a diffusion classifier such as EGC (SPEC S5) provides the same four with its
-own sampler and registers a factory in ``ACTION_FACTORIES`` under its model kind. Nothing here knows about HTTP.
+chains) and the starting point of a "refine" (``refine_start``). ``ModelActions`` bundles them. A JEM provides them
+through SGLD on E(x) or E(x, y), whose chains are plain images; EGC (SPEC S5) provides them with its diffusion
+sampler, whose chains are noisy images x_t at a position of the DDIM schedule: those are kept on the server
+(``stateful``) because they are not images in [−1, 1] and would not survive the page's 8-bit round trip. A model
+family registers a factory in ``ACTION_FACTORIES`` under its model kind. Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ class ModelActions:
         class_names: one name per class.
         predict: images (N, C, H, W) in [−1, 1] → Prediction.
         start: (n, labels or None, generator) → starting points (n, C, H, W) for chains "from noise".
-        advance: (x, labels or None, steps, generator) → x after `steps` more sampler steps (CPU, in [−1, 1]).
+        advance: (x, labels or None, steps, generator, position) → x after `steps` more sampler steps (CPU);
+            `position` is the number of steps the chain has made (diffusion samplers need it; SGLD ignores it).
         describe: a short protocol of the sampler, shown on the page.
+        refine_start: drawing x (1, C, H, W) and generator → (chain state, position, most steps left or None).
+        stateful: chain states are not displayable images (kept on the server between live-view requests).
     """
 
     kind: str
@@ -47,8 +52,12 @@ class ModelActions:
     class_names: list[str]
     predict: Callable[[torch.Tensor], Prediction]
     start: Callable[[int, torch.Tensor | None, torch.Generator], torch.Tensor]
-    advance: Callable[[torch.Tensor, torch.Tensor | None, int, torch.Generator], torch.Tensor]
+    advance: Callable[[torch.Tensor, torch.Tensor | None, int, torch.Generator, int], torch.Tensor]
     describe: dict[str, Any]
+    refine_start: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, int, int | None]] = (
+        lambda x, generator: (x, 0, None)
+    )
+    stateful: bool = False
 
 
 def jem_actions(run: Any) -> ModelActions:
@@ -77,7 +86,9 @@ def jem_actions(run: Any) -> ModelActions:
     def start(n: int, labels: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
         return run.init(n, labels, generator).float().cpu()
 
-    def advance(x: torch.Tensor, labels: torch.Tensor | None, steps: int, generator: torch.Generator) -> torch.Tensor:
+    def advance(
+        x: torch.Tensor, labels: torch.Tensor | None, steps: int, generator: torch.Generator, position: int = 0
+    ) -> torch.Tensor:
         if steps == 0:
             return x.clone()
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -111,14 +122,66 @@ def jem_actions(run: Any) -> ModelActions:
     )
 
 
-# Model kind → factory. A new model family (EGC) adds its entry here; `model_kind` decides which one a run gets.
-ACTION_FACTORIES: dict[str, Callable[[Any], ModelActions]] = {"jem": jem_actions}
+def egc_actions(run: Any, refine_fraction: float = 0.4) -> ModelActions:
+    """The actions of an EGC run: DDIM/DDPM along the run's schedule with its classifier guidance.
+
+    A chain from noise starts at x_T ~ N(0, I) (position 0) and ends after ``egc.sample_steps`` steps at an image;
+    further steps leave it unchanged. "Refine" noises the drawing to the schedule position where a fraction
+    `refine_fraction` of the steps is left (t ≈ 0.4·T by default) and denoises it from there (SDEdit, Meng et al.,
+    2022): the model redraws what it reads in the sketch. Predictions read the t = 0 classifier and energy.
+    """
+    from jemlab.diffusion.egc import denoise_segment, renoise_position
+    from jemlab.diffusion.samplers import sampler_eta
+
+    jem = jem_actions(run)  # predict: the t = 0 logits and energy, as for a JEM
+    model, device, config, cfg = run.model, run.device, run.config, run.config.egc
+    eta = sampler_eta(cfg.sampler, cfg.eta)
+
+    def start(n: int, labels: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn((n, *run.image_shape), generator=generator)
+
+    def advance(
+        x: torch.Tensor, labels: torch.Tensor | None, steps: int, generator: torch.Generator, position: int = 0
+    ) -> torch.Tensor:
+        y = None if labels is None else labels.to(device)
+        x = denoise_segment(model, config, x.to(device), position, position + steps, labels=y, generator=generator)
+        return x.float().cpu().contiguous()
+
+    def refine_start(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int, int | None]:
+        noisy, position = renoise_position(config, x, refine_fraction, generator)
+        return noisy, position, cfg.sample_steps - position
+
+    return ModelActions(
+        kind="egc",
+        image_shape=run.image_shape,
+        class_names=run.class_names,
+        predict=jem.predict,
+        start=start,
+        advance=advance,
+        describe={
+            "sampler": cfg.sampler.upper(),
+            "steps": cfg.sample_steps,
+            "eta": eta,
+            "guidance": cfg.guidance,
+            "schedule": f"{cfg.schedule}, T = {cfg.timesteps}",
+            "init": "N(0, I) noise",
+        },
+        refine_start=refine_start,
+        stateful=True,
+    )
+
+
+# Model kind → factory; `model_kind` decides which one a run gets.
+ACTION_FACTORIES: dict[str, Callable[[Any], ModelActions]] = {"jem": jem_actions, "egc": egc_actions}
 
 
 def model_kind(run: Any) -> str:
-    """The model family of a loaded run: the checkpoint's ``kind`` metadata or config field, else "jem"."""
+    """The model family of a loaded run: the checkpoint's ``kind`` metadata or config field, "egc" for runs of the
+    EGC objective, else "jem"."""
     kind = run.meta.get("kind") if isinstance(getattr(run, "meta", None), dict) else None
     kind = kind or getattr(run.config.model, "kind", None)
+    if kind is None and getattr(getattr(run.config, "objective", None), "name", "jem") == "egc":
+        kind = "egc"
     return str(kind or "jem")
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,6 +42,7 @@ class Limits:
     max_frames: int = 30  # animation frames returned by one "refine"
     max_chains: int = 16  # chains in one live-view request (per-class mode uses one per class, at most this)
     max_chain_steps: int = 50  # sampler steps per live-view request
+    max_stored_chains: int = 8  # live views whose chain states the server keeps (diffusion models), oldest dropped
     requests_per_second: float = 20.0  # token-bucket rate of POST requests ...
     burst: int = 40  # ... and its bucket size
     compute_wait_s: float = 30.0  # a request waits this long for the model before a 503
@@ -118,6 +121,8 @@ class DemoApp:
         self.dataset = dataset
         self.compute_lock = threading.Lock()  # one model call at a time: the model is not thread-safe
         self.num_values = int(np.prod(actions.image_shape))
+        # Chain states of stateful samplers (EGC's noisy x_t), by a random id the page sends back; bounded.
+        self.stored_chains: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None, int, str]] = OrderedDict()
 
     # --- requests --------------------------------------------------------------------------------------------
 
@@ -157,23 +162,30 @@ class DemoApp:
         label = self._label(body.get("label"))
         labels = None if label is None else torch.tensor([label])
         generator = torch.Generator().manual_seed(_int(body, "seed", 0, 0, 2**31 - 1))
+        x, position, most = self.actions.refine_start(x, generator)
+        if most is not None:  # a diffusion sampler has this many steps left from where the drawing enters
+            steps = min(steps, most)
+            frames = min(frames, steps)
         # Split the steps as evenly as possible over the frames (e.g. 40 steps in 10 frames of 4).
         chunks = [steps // frames + (1 if i < steps % frames else 0) for i in range(frames)]
         out, done = [], 0
         with self._model():
             for chunk in chunks:
-                x = self.actions.advance(x, labels, chunk, generator)
+                x = self.actions.advance(x, labels, chunk, generator, position + done)
                 done += chunk
-                out.append({"pixels": _pixels(x[0]), **self._describe(self.actions.predict(x), 0), "step": done})
+                shown = x.clamp(-1, 1)
+                described = self._describe(self.actions.predict(shown), 0)
+                out.append({"pixels": _pixels(shown[0]), **described, "step": done})
         return {"frames": out, "steps": steps, "label": label}
 
     def chains(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST /api/chains {mode, label?, n?, steps?, images?, seed?}: start or continue chains for the live view.
 
         ``mode`` is "unconditional" (p(x)), "class" (p(x|label)) or "per_class" (one chain per class). Without
-        ``images`` the chains start from the model's initialiser ("from noise"); with them, they continue.
+        ``images`` the chains start from the model's initialiser ("from noise"); with them, they continue. For a
+        stateful sampler (EGC) the answer carries a ``chain_id`` instead, which the page sends back to continue.
         """
-        _only(body, {"mode", "label", "n", "steps", "images", "seed"})
+        _only(body, {"mode", "label", "n", "steps", "images", "seed", "chain_id"})
         lim = self.limits
         mode = body.get("mode", "unconditional")
         num_classes = len(self.actions.class_names)
@@ -196,22 +208,45 @@ class DemoApp:
         steps = _int(body, "steps", 5, 0, lim.max_chain_steps)
         generator = torch.Generator().manual_seed(_int(body, "seed", 0, 0, 2**31 - 1))
         images = body.get("images")
+        chain_id = body.get("chain_id")
+        position = 0
         with self._model():
-            if images is None:
+            if chain_id is not None:
+                if not self.actions.stateful:
+                    raise RequestError(400, "'chain_id' applies to diffusion models only; send 'images' instead")
+                stored = self.stored_chains.get(chain_id) if isinstance(chain_id, str) else None
+                if stored is None:
+                    raise RequestError(404, "unknown or expired 'chain_id': restart the chains from noise")
+                x, stored_labels, position, stored_mode = stored
+                if stored_mode != mode or len(x) != n:
+                    raise RequestError(400, "'chain_id' belongs to chains of another mode or size; restart them")
+                labels = stored_labels
+            elif images is None:
                 x = self.actions.start(n, labels, generator)
             else:
+                if self.actions.stateful:
+                    raise RequestError(400, "this model's chains continue by 'chain_id', not by 'images'")
                 if not isinstance(images, list) or len(images) != n:
                     raise RequestError(400, f"'images' must be a list of {n} images for this mode")
                 x = torch.cat([self._image(image, f"images[{i}]") for i, image in enumerate(images)])
-            x = self.actions.advance(x, labels, steps, generator)
-            prediction = self.actions.predict(x)
-        return {
-            "images": [_pixels(image) for image in x],
+            x = self.actions.advance(x, labels, steps, generator, position)
+            shown = x.clamp(-1, 1)
+            prediction = self.actions.predict(shown)
+        answer: dict[str, Any] = {
+            "images": [_pixels(image) for image in shown],
             "labels": None if labels is None else labels.tolist(),
             "energy": [round(float(e), 4) for e in prediction.energy],
             "predicted": prediction.probs.argmax(1).tolist(),
             "steps": steps,
         }
+        if self.actions.stateful:
+            chain_id = chain_id if isinstance(chain_id, str) else secrets.token_hex(8)
+            self.stored_chains[chain_id] = (x, labels, position + steps, mode)
+            self.stored_chains.move_to_end(chain_id)
+            while len(self.stored_chains) > self.limits.max_stored_chains:
+                self.stored_chains.popitem(last=False)
+            answer["chain_id"] = chain_id
+        return answer
 
     # --- helpers ---------------------------------------------------------------------------------------------
 

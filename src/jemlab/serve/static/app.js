@@ -164,12 +164,13 @@ async function chainTick() {
   const mode = $("chain-mode").value;
   const body = { mode, steps: state.chains ? 5 : 0, seed: Date.now() % 100000 };
   if (mode === "unconditional") body.n = 8;
-  if (state.chains) body.images = state.chains;
+  if (state.chainId) body.chain_id = state.chainId;  // diffusion models keep their noisy chains on the server
+  else if (state.chains) body.images = state.chains;
   try {
     const result = await api("/api/chains", body);
     if (generation !== state.generation) { setTimeout(chainTick, 0); return; }  // restarted meanwhile
     if (!state.chains) chainGrid(result.images.length, result.labels);
-    state.chains = result.images; state.chainStep += result.steps;
+    state.chains = result.images; state.chainStep += result.steps; state.chainId = result.chain_id || null;
     const canvases = $("chains").querySelectorAll("canvas");
     result.images.forEach((pixels, i) => paint(canvases[i], pixels));
     $("chain-step").textContent = state.chainStep;
@@ -178,7 +179,7 @@ async function chainTick() {
     setTimeout(chainTick, 60);
   } catch (err) { showError(err); state.running = false; $("chain-run").textContent = "Run"; }
 }
-function resetChains() { state.generation += 1; state.chains = null; state.chainStep = 0; $("chain-step").textContent = "0"; }
+function resetChains() { state.generation += 1; state.chains = null; state.chainId = null; state.chainStep = 0; $("chain-step").textContent = "0"; }
 
 // --- start-up --------------------------------------------------------------------------------------------------
 async function start() {
@@ -195,8 +196,11 @@ async function start() {
       `so at most ${100 * info.ood_quantile}% of real test images would be called out of distribution.`
     : info.reference_note;
   const s = info.sampler;
-  $("sampler-note").textContent = `${s.sampler}: step size ${s.step_size}, noise ${s.noise}` +
-    (s.grad_clamp ? `, gradient clipped to ±${s.grad_clamp}` : "") + `; chains start from the model's "${s.init}" initialiser.`;
+  $("sampler-note").textContent = info.kind === "egc"
+    ? `${s.sampler} with ${s.steps} steps (η = ${s.eta}, ${s.schedule}, classifier guidance ${s.guidance}); chains ` +
+      `start from ${s.init} and stop changing after ${s.steps} steps; "refine" re-noises the drawing and denoises it.`
+    : `${s.sampler}: step size ${s.step_size}, noise ${s.noise}` +
+      (s.grad_clamp ? `, gradient clipped to ±${s.grad_clamp}` : "") + `; chains start from the model's "${s.init}" initialiser.`;
   info.class_names.forEach((name, i) => {
     const option = document.createElement("option"); option.value = i; option.textContent = `p(x|${name})`;
     $("refine-label").appendChild(option);
