@@ -14,8 +14,9 @@ from jemlab.serve.server import DemoServer, make_server
 from jemlab.training.loop import Trainer
 
 
-def tiny_run(root: Path) -> Path:
-    """Train the default preset for one short epoch on a fake 28×28 dataset; return the run directory."""
+def tiny_run(root: Path, preset: str = "default", extra: list[tuple[str, object]] | None = None) -> Path:
+    """Train `preset` for one short epoch on a fake 28×28 dataset (plus `extra` overrides); return the run
+    directory."""
     data = write_idx_dataset(root / "data", n_train=300, n_test=100, seed=0)
     overrides = [
         ("data.data_dir", str(data)),
@@ -31,7 +32,7 @@ def tiny_run(root: Path) -> Path:
         ("optim.warmup_steps", "5"),
     ]
     run_dir = root / "run"
-    Trainer(build_config("default", overrides), run_dir).fit()
+    Trainer(build_config(preset, [*overrides, *(extra or [])]), run_dir).fit()
     return run_dir
 
 

@@ -5,37 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jemlab.config import build_config
-from jemlab.data.testing import write_idx_dataset
 from jemlab.run import load_run
 from jemlab.serve.actions import build_actions, model_kind
 from jemlab.serve.app import DemoApp, RequestError
-from jemlab.training.loop import Trainer
+from serve_support import tiny_run
 
 TINY_EGC = [
     ("model.options", {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "patch": 2, "attention": []}),
     ("egc.sample_steps", 4),
     ("egc.ema", 0.9),
-    ("train.epochs", 1),
 ]
 
 
 @pytest.fixture(scope="module")
 def egc_app(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-egc")
-    data = write_idx_dataset(root / "data", n_train=300, n_test=100, seed=0)
-    overrides = [
-        ("data.data_dir", str(data)),
-        ("data.val_size", "50"),
-        ("data.download", "false"),
-        ("train.batch_size", "32"),
-        ("train.progress", "false"),
-        ("train.tensorboard", "false"),
-        ("optim.warmup_steps", "5"),
-        *TINY_EGC,
-    ]
-    Trainer(build_config("egc", overrides), root / "run").fit()
-    run = load_run(root / "run", device="cpu")
+    run = load_run(tiny_run(tmp_path_factory.mktemp("serve-egc"), "egc", TINY_EGC), device="cpu")
     assert model_kind(run) == "egc"
     return DemoApp(build_actions(run), None, reference_note="none")
 
