@@ -124,6 +124,8 @@ def test_cli_train_sample_eval_round_trip(tmp_path, tiny_idx_dir, monkeypatch, c
 
     assert main(["eval", "--checkpoint", str(run), "--data-dir", str(tiny_idx_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["test_accuracy"] == summary["test_accuracy"]
+    assert main(["eval", "--checkpoint", str(run), "--guidance", "2"]) == 2
+    assert "--guidance only applies to the full evaluation" in capsys.readouterr().err
 
     monkeypatch.setenv("JEMLAB_DATA", str(tmp_path / "cache"))
     report_dir = tmp_path / "report"
@@ -131,9 +133,10 @@ def test_cli_train_sample_eval_round_trip(tmp_path, tiny_idx_dir, monkeypatch, c
     sizes = ["--n-test", "60", "--n-val", "30", "--n-ood", "20", "--n-samples", "10", "--sample-steps", "2"]
     sizes += ["--pgd-n", "4", "--pgd-steps", "1", "--eps-linf", "0,8/255", "--eps-l2", "0,0.5"]
     parts = ["--parts", "classification,calibration,ood,robustness,samples", "--no-train-feature-net"]
-    assert main([*args, *parts, *sizes, "--ood-datasets", "none"]) == 0
+    assert main([*args, *parts, *sizes, "--ood-datasets", "none", "--guidance", "3"]) == 0
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert metrics["test_accuracy"] == summary["test_accuracy"]
     protocol = metrics["samples"]["protocol"]
     assert (protocol["sgld_steps"], protocol["chains_from"], protocol["sampler"]) == (2, "noise", "ddim")
+    assert protocol["guidance_conditional"] == 3.0
     assert "energy" in metrics["ood"] and "uniform" in metrics["ood"]["energy"]

@@ -208,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "buffer", "noise"],
         help="sample chains start from the replay buffer or from noise (default: auto = buffer when the run has one)",
     )
+    g.add_argument(
+        "--guidance",
+        type=_number(float, 0.0, True, "a number >= 0"),
+        help="EGC runs: classifier-guidance scale of the per-class samples (default: the run's egc.guidance)",
+    )
     g.add_argument("--kid-subsets", type=_positive_int, help=f"KID subsets (default: {D['kid_subsets']})")
     g.add_argument("--kid-subset-size", type=_positive_int, help=f"KID subset size (default: {D['kid_subset_size']})")
     g = p.add_argument_group("protocol")
@@ -410,10 +415,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _egc_sample_flags(args: argparse.Namespace, config: Any) -> None:
-    """Apply `sample`'s EGC-only flags to the loaded run's config (an error for JEM runs)."""
+    """Apply the EGC-only flags of `sample` and `eval` to the loaded run's config (an error for JEM runs)."""
     from jemlab.config import set_value, validate_config
 
-    given = {name: getattr(args, name) for name in ("sampler", "guidance") if getattr(args, name) is not None}
+    given = {name: value for name in ("sampler", "guidance") if (value := getattr(args, name, None)) is not None}
     if not given:
         return
     if config.objective.name != "egc":
@@ -494,7 +499,7 @@ _SUITE_FLAGS = (
     "n_test", "n_val", "n_ood", "batch_size", "pgd_n", "pgd_steps", "pgd_restarts", "pgd_norms", "eps_linf",
     "eps_l2", "defence_steps", "defence_n", "defence_chains", "defence_eot", "n_samples", "sample_steps",
     "sample_init", "kid_subsets", "kid_subset_size", "bins", "temperature_scaling", "ood_datasets", "cache_dir",
-    "no_train_feature_net", "feature_net_minutes", "seed", "report",
+    "no_train_feature_net", "feature_net_minutes", "seed", "report", "guidance",
 )  # fmt: skip
 
 
@@ -522,6 +527,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     run = load_run(args.checkpoint, device=args.device)
+    _egc_sample_flags(args, run.config)
     d = run.config.data
     splits = load_dataset(
         d.dataset,

@@ -394,6 +394,9 @@ def _protocol_entries(
             **{k: first[k] for k in ("sampler", "eta", "guidance", "schedule", "weights") if k in first},
             "sampler_calls": len(sample_protocols),
         }
+        conditional = next((p for p in sample_protocols if p.get("conditional")), None)
+        if conditional is not None and "guidance" in conditional:
+            metrics["samples"]["protocol"]["guidance_conditional"] = conditional["guidance"]
 
 
 def evaluate_run(
