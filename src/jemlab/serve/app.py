@@ -232,6 +232,12 @@ class DemoApp:
             x = self.actions.advance(x, labels, steps, generator, position)
             shown = x.clamp(-1, 1)
             prediction = self.actions.predict(shown)
+            if self.actions.stateful:  # stored under the same lock as every other use of the store
+                chain_id = chain_id if isinstance(chain_id, str) else secrets.token_hex(8)
+                self.stored_chains[chain_id] = (x, labels, position + steps, mode)
+                self.stored_chains.move_to_end(chain_id)
+                while len(self.stored_chains) > self.limits.max_stored_chains:
+                    self.stored_chains.popitem(last=False)
         answer: dict[str, Any] = {
             "images": [_pixels(image) for image in shown],
             "labels": None if labels is None else labels.tolist(),
@@ -240,11 +246,6 @@ class DemoApp:
             "steps": steps,
         }
         if self.actions.stateful:
-            chain_id = chain_id if isinstance(chain_id, str) else secrets.token_hex(8)
-            self.stored_chains[chain_id] = (x, labels, position + steps, mode)
-            self.stored_chains.move_to_end(chain_id)
-            while len(self.stored_chains) > self.limits.max_stored_chains:
-                self.stored_chains.popitem(last=False)
             answer["chain_id"] = chain_id
         return answer
 
