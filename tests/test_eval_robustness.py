@@ -133,6 +133,7 @@ def test_langevin_refine_is_differentiable_with_exact_gradient():
     torch.testing.assert_close(g, torch.full_like(x, (1 - alpha * c) ** k))
     detached = rob.langevin_refine(energy, x, steps=k, step_size=alpha, noise_std=0.0, differentiable=False)
     assert not detached.requires_grad
+    torch.testing.assert_close(detached, (1 - alpha * c) ** k * x.detach())  # the library's sgld, same chain
 
 
 def test_jem_defence_eot_attack_runs_through_refinement():

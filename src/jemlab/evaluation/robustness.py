@@ -11,8 +11,9 @@ steps on the energy (K = 0/1/10 in the paper), from several chains started at x 
 noise, and average the logits over the chains. The attack differentiates through the refinement
 (expectation over transformation, EOT: Athalye et al., 2018), which the official ``attack_model.py``
 does by averaging the logits of ``n_dup_chains`` = 5 duplicated chains without detaching. This
-module takes the refinement as a differentiable callable ``defend(x) -> x_refined`` so it never
-imports the sampler; :func:`langevin_defence` is a minimal stand-in.
+module takes the refinement as a differentiable callable ``defend(x) -> x_refined``;
+:func:`langevin_defence` builds one from :func:`langevin_refine`, the differentiable form of the
+library's SGLD step.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from jemlab.errors import JemlabError
+from jemlab.samplers.sgld import sgld
 
 __all__ = [
     "PIXEL_SCALE",
@@ -312,7 +314,9 @@ def langevin_refine(
 
     With ``differentiable=True`` the graph of every step is kept (``create_graph=True``), so
     gradients of the output flow back to the input through the refinement (what an EOT attack
-    needs). Model parameters' ``.grad`` are not touched. Defaults follow JEM's attack code (step 1,
+    needs); that is the one thing the library's sampler (:func:`jemlab.samplers.sgld`) does not do,
+    and ``differentiable=False`` runs that sampler after the start noise (its noise comes from a
+    `generator` on x's device). Model parameters' ``.grad`` are not touched. Defaults follow JEM's attack code (step 1,
     σ = 0.01, start noise 0.03 is ``init_noise_std``).
 
     Args:
@@ -337,18 +341,20 @@ def langevin_refine(
     xk = x if differentiable else x.detach()
     if init_noise_std > 0:
         xk = (xk + noise_like(xk, init_noise_std)).clamp(_LOW, _HIGH)
+    if not differentiable:
+        out, _ = sgld(
+            energy_fn, xk, steps=steps, step_size=step_size, noise=noise_std, grad_clamp=grad_clamp, generator=generator
+        )
+        return out
     with torch.enable_grad():
         for _ in range(steps):
             if not xk.requires_grad:
                 xk = xk.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(energy_fn(xk).sum(), [xk], create_graph=differentiable)
+            (g,) = torch.autograd.grad(energy_fn(xk).sum(), [xk], create_graph=True)
             if grad_clamp is not None:
                 g = g.clamp(-grad_clamp, grad_clamp)
-            xk = xk - step_size * g + noise_like(xk, noise_std)
-            xk = xk.clamp(_LOW, _HIGH)
-            if not differentiable:
-                xk = xk.detach()
-    return xk if differentiable else xk.detach()
+            xk = (xk - step_size * g + noise_like(xk, noise_std)).clamp(_LOW, _HIGH)
+    return xk
 
 
 def langevin_defence(

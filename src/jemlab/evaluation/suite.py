@@ -289,83 +289,62 @@ def run_suite(
             say(f"classification: accuracy {metrics['classification']['accuracy']:.4f}")
 
         # ---------------------------------------------------------------- calibration
-        if "calibration" in opts.parts and not opts.temperature_scaling:
+        if "calibration" in opts.parts:
             t0 = time.monotonic()
-            raw = cal.calibration_metrics(logits_test, y_test, opts.calibration_bins)
-            metrics["calibration"] = {
-                "raw": {k: v for k, v in raw.items() if k != "reliability"},
-                "reliability_raw": raw["reliability"],
-            }
-            rd_raw = cal.reliability_data(*cal.confidence_and_correctness(logits_test, y_test), opts.calibration_bins)
-            figures.append(
-                (
-                    "Reliability diagram (raw)",
-                    cal.plot_reliability_diagram({"raw": rd_raw}, fig_dir / "reliability.png"),
+            logits_eval, y_eval = logits_test, y_test
+            calibration: dict[str, Any] = {}
+            temperature = None
+            if opts.temperature_scaling:
+                val = _split(splits, "val")
+                if val is not None and len(val) > 0 and opts.n_val > 0:
+                    x_val, y_val = _load(val, opts.n_val, gen, opts.batch_size)
+                    logits_val = _logits(model, x_val, opts.batch_size, device)
+                    fit_src = f"validation split ({len(x_val)} examples)"
+                else:
+                    half = len(x_test) // 2
+                    logits_val, y_val = logits_test[:half], y_test[:half]
+                    logits_eval, y_eval = logits_test[half:], y_test[half:]
+                    fit_src = f"first half of the test subset ({half} examples; no validation split)"
+                    notes.append(
+                        "Temperature fitted on half of the test subset because no validation split was "
+                        "given; calibration metrics use the other half."
+                    )
+                temperature = cal.fit_temperature(logits_val, y_val)
+                at_bound = abs(math.log(temperature)) > 4.99
+                if at_bound:
+                    notes.append(
+                        f"Temperature scaling hit its search bound (T = {temperature:.3g}): the fitted "
+                        "NLL keeps falling as T moves further, e.g. because every validation example is "
+                        "classified correctly; the scaled calibration numbers are not meaningful."
+                    )
+                calibration.update(
+                    temperature=temperature, temperature_at_search_bound=at_bound, temperature_fitted_on=fit_src
                 )
-            )
-            notes.append(
-                f"ECE: {opts.calibration_bins} equal-width confidence bins (JEM++ protocol); "
-                "Brier = mean sum_k (p_k - 1[y=k])^2 (range 0-2); no temperature scaling."
-            )
-            timing["calibration"] = time.monotonic() - t0
-            say(f"calibration: ECE {raw['ece']:.4f}")
-        elif "calibration" in opts.parts:
-            t0 = time.monotonic()
-            val = _split(splits, "val")
-            if val is not None and len(val) > 0 and opts.n_val > 0:
-                x_val, y_val = _load(val, opts.n_val, gen, opts.batch_size)
-                logits_val = _logits(model, x_val, opts.batch_size, device)
-                fit_src = f"validation split ({len(x_val)} examples)"
-                logits_eval, y_eval = logits_test, y_test
-            else:
-                half = len(x_test) // 2
-                logits_val, y_val = logits_test[:half], y_test[:half]
-                logits_eval, y_eval = logits_test[half:], y_test[half:]
-                fit_src = f"first half of the test subset ({half} examples; no validation split)"
-                notes.append(
-                    "Temperature fitted on half of the test subset because no validation split was "
-                    "given; calibration metrics use the other half."
-                )
-            temperature = cal.fit_temperature(logits_val, y_val)
             raw = cal.calibration_metrics(logits_eval, y_eval, opts.calibration_bins)
-            scaled = cal.calibration_metrics(
-                cal.apply_temperature(logits_eval, temperature), y_eval, opts.calibration_bins
-            )
-            at_bound = abs(math.log(temperature)) > 4.99
-            if at_bound:
-                notes.append(
-                    f"Temperature scaling hit its search bound (T = {temperature:.3g}): the fitted "
-                    "NLL keeps falling as T moves further, e.g. because every validation example is "
-                    "classified correctly; the scaled calibration numbers are not meaningful."
-                )
-            metrics["calibration"] = {
-                "temperature": temperature,
-                "temperature_at_search_bound": at_bound,
-                "temperature_fitted_on": fit_src,
-                "raw": {k: v for k, v in raw.items() if k != "reliability"},
-                "temperature_scaled": {k: v for k, v in scaled.items() if k != "reliability"},
-                "reliability_raw": raw["reliability"],
-            }
-            rd_raw = cal.reliability_data(*cal.confidence_and_correctness(logits_eval, y_eval), opts.calibration_bins)
-            rd_ts = cal.reliability_data(
-                *cal.confidence_and_correctness(cal.apply_temperature(logits_eval, temperature), y_eval),
-                opts.calibration_bins,
-            )
-            figures.append(
-                (
-                    "Reliability diagram (raw and temperature-scaled)",
-                    cal.plot_reliability_diagram(
-                        {"raw": rd_raw, f"T = {temperature:.3g}": rd_ts},
-                        fig_dir / "reliability.png",
-                    ),
-                )
-            )
+            calibration["raw"] = {k: v for k, v in raw.items() if k != "reliability"}
+
+            def bins(logits: Tensor) -> Any:
+                return cal.reliability_data(*cal.confidence_and_correctness(logits, y_eval), opts.calibration_bins)
+
+            curves = {"raw": bins(logits_eval)}
+            summary = f"calibration: ECE {raw['ece']:.4f}"
+            if temperature is not None:
+                logits_scaled = cal.apply_temperature(logits_eval, temperature)
+                scaled = cal.calibration_metrics(logits_scaled, y_eval, opts.calibration_bins)
+                calibration["temperature_scaled"] = {k: v for k, v in scaled.items() if k != "reliability"}
+                curves[f"T = {temperature:.3g}"] = bins(logits_scaled)
+                summary += f" -> {scaled['ece']:.4f} (T = {temperature:.3f})"
+            calibration["reliability_raw"] = raw["reliability"]
+            metrics["calibration"] = calibration
+            title = "Reliability diagram (raw" + (" and temperature-scaled)" if temperature is not None else ")")
+            figures.append((title, cal.plot_reliability_diagram(curves, fig_dir / "reliability.png")))
             notes.append(
                 f"ECE: {opts.calibration_bins} equal-width confidence bins (JEM++ protocol); "
-                "Brier = mean sum_k (p_k - 1[y=k])^2 (range 0-2)."
+                "Brier = mean sum_k (p_k - 1[y=k])^2 (range 0-2)"
+                + ("." if temperature is not None else "; no temperature scaling.")
             )
             timing["calibration"] = time.monotonic() - t0
-            say(f"calibration: ECE {raw['ece']:.4f} -> {scaled['ece']:.4f} (T = {temperature:.3f})")
+            say(summary)
 
         # ---------------------------------------------------------------- OOD
         if "ood" in opts.parts:
