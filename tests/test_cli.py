@@ -84,7 +84,10 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: sampler.steps must be >= 0") and "\n" not in err
     assert main(["sample", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["train", "--minutes", "-3"])
+    for argv in (["train", "--minutes", "-3"], ["sample", "--checkpoint", "x", "--frames", "0"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: jemlab {argv[0]}: argument") and "\n" not in err, err
     assert main(["train", "--dry-run", "--preset", "course"]) == 0
     assert json.loads(capsys.readouterr().out)["sampler"]["steps"] == 60

@@ -148,7 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
             "quality, written as metrics.json + a self-contained report.html + report.md."
         ),
     )
-    _one_line_errors(p)
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file or run directory")
     g.add_argument("--data-dir", help="folder holding the dataset files (and <name>/ folders of OOD datasets)")
@@ -260,7 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
             "weights are unavailable offline), once per dataset, and cache it under <cache>/feature_nets/<dataset>/."
         ),
     )
-    _one_line_errors(p)
     p.add_argument("--dataset", default="fashion-mnist", help="dataset name (default: %(default)s)")
     p.add_argument("--data-dir", help="folder holding the dataset files")
     p.add_argument("--cache-dir", type=Path, help="jemlab cache root (default: $JEMLAB_DATA or ~/.cache/jemlab)")
@@ -275,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the presets and what they set")
     p.set_defaults(func=cmd_presets)
+    for command in sub.choices.values():  # every subcommand reports a bad flag in one line
+        _one_line_errors(command)
     return parser
 
 
@@ -659,7 +659,6 @@ def _add_serve_parser(sub: Any) -> None:
             "read once at start-up; the page never names files. Binds to 127.0.0.1 unless --host says otherwise."
         ),
     )
-    _one_line_errors(p)
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file or run directory")
     p.add_argument("--port", type=_nonneg_int, default=8000, help="port, 0 = any free one (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
