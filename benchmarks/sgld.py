@@ -16,7 +16,8 @@ eager step: forward and input-gradient backward) / median time, also as a fracti
 (a) ``reference``: the loop written the way the course code (UvA DL tutorial 8) and JEM's ``sample_q`` write it:
 parameters set to ``requires_grad=False``, ``x.requires_grad = True``, ``.backward()`` into ``x.grad``, in-place
 updates on ``x.data``, fp32, NCHW.
-(b) jemlab's ``run_chains`` with each sampler mode (``impl``, ``precision``, channels-last, ``compile``).
+(b) jemlab's ``run_chains`` with each sampler mode (``impl``, ``precision``, channels-last, ``compile``, and
+``gradient``: autograd, or the hand-written backward of ``jemlab.samplers.explicit``).
 
 With ``--train`` it also times full training iterations (negatives + loss + backward + Adam) of the course preset
 against an eager re-implementation of the course code's training iteration, interleaved the same way.
@@ -50,6 +51,7 @@ class Mode:
     channels_last: bool = False
     compile: bool = False
     chain_groups: int = 1  # 0 = one group per torch thread
+    gradient: str = "autograd"  # autograd, or explicit (samplers/explicit.py: hand-written backward, no autograd)
 
 
 MODES = {
@@ -63,6 +65,9 @@ MODES = {
         Mode("fast-bf16-nhwc-groups", precision="bf16", channels_last=True, chain_groups=0),
         Mode("fast-fp32-compile", compile=True),
         Mode("fast-bf16-nhwc-compile", precision="bf16", channels_last=True, compile=True),
+        Mode("explicit-fp32-nhwc", channels_last=True, gradient="explicit"),
+        Mode("explicit-bf16", precision="bf16", gradient="explicit"),
+        Mode("explicit-bf16-nhwc", precision="bf16", channels_last=True, gradient="explicit"),
     ]
 }
 
@@ -93,7 +98,12 @@ def reference_sgld(model: EnergyModel, x_init: torch.Tensor, cfg: SamplerConfig)
 def jemlab_sampler(model: EnergyModel, mode: Mode, cfg: SamplerConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     """(b) jemlab's `run_chains` in one mode, on its own copy of the model (layouts must not leak between modes)."""
     sampler_cfg = replace(
-        cfg, impl=mode.impl, precision=mode.precision, compile=mode.compile, chain_groups=mode.chain_groups
+        cfg,
+        impl=mode.impl,
+        precision=mode.precision,
+        compile=mode.compile,
+        chain_groups=mode.chain_groups,
+        gradient=mode.gradient,
     )
     if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -222,7 +232,7 @@ def train_benchmark(args: argparse.Namespace) -> dict:
     return {
         "iterations_per_round": iterations,
         "rounds": args.train_rounds,
-        "course_sampler": {k: getattr(sampler, k) for k in ("steps", "impl", "precision", "compile")},
+        "course_sampler": {k: getattr(sampler, k) for k in ("steps", "impl", "precision", "compile", "gradient")},
         "channels_last": trainer.config.train.channels_last,
         "table": rows,
     }

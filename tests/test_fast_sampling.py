@@ -357,7 +357,7 @@ def test_jempp_presets_validate_and_bad_sampler_keys_are_errors():
         with pytest.raises(ConfigError, match=key):
             build_config("default", [(key, value)])
     with pytest.raises(ConfigError, match="impl=fast"):
-        build_config("default", [("sampler.compile", "true")])
+        build_config("default", [("sampler.impl", "reference"), ("sampler.compile", "true")])
 
 
 def test_jempp_trains_and_its_fitted_initialiser_is_restored_by_load_run(tiny_config_overrides, tmp_path):

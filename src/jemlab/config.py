@@ -60,6 +60,9 @@ class SamplerConfig:
     # per torch thread. Needs per-sample energies (no BatchNorm in training mode).
     compile: bool = False  # impl=fast: torch.compile the energy-gradient step (falls back to eager if it fails)
     cuda_graph: bool = False  # impl=fast on a GPU: replay the step as a CUDA graph (no per-step launch overhead)
+    # impl=fast: how ∇ₓE is computed. auto = the hand-written backward of samplers/explicit.py where the model
+    # allows it (plain layer sequences on a CPU; not with compile/cuda_graph), else autograd; explicit = insist.
+    gradient: str = "auto"
     pyld_steps: int = 0  # JEM++ PYLD: first-layer-only inner steps after each full SGLD step (0 = plain SGLD)
     pyld_step_size: float = 0.2  # PYLD inner step size (JEM++ CIFAR-10: 0.2)
     pyld_clamp: float | None = 1.0  # PYLD: clip the inner gradient element-wise to ±c (JEM++: 1)
@@ -203,6 +206,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampler.buffer_size": 5000,
         "sampler.batch_size": 64,
         "sampler.precision": "bf16",
+        "sampler.impl": "fast",  # same chain as the reference sampler; explicit input gradient (docs/sampling.md)
         "objective.px": 0.3,
         "objective.energy_l2": 0.01,
     },
@@ -223,8 +227,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampler.noise_first": True,
         "sampler.buffer_size": 8192,
         "sampler.buffer_mode": "queue",
-        # The same chain, executed faster (docs/sampling.md): bf16 network, NHWC layout, one group of chains per
-        # CPU thread. Set sampler.impl=reference sampler.precision=fp32 train.channels_last=false for the original.
+        # The same chain, executed faster (docs/sampling.md): bf16 network, NHWC layout, the hand-written input
+        # gradient of samplers/explicit.py (chain groups where it does not apply). Set sampler.impl=reference
+        # sampler.precision=fp32 train.channels_last=false for the original.
         "sampler.impl": "fast",
         "sampler.precision": "bf16",
         "sampler.chain_groups": 0,
@@ -719,6 +724,14 @@ def validate_config(config: Config) -> None:
     _check(
         not ((s.compile or s.cuda_graph) and s.impl != "fast"),
         "sampler.compile and sampler.cuda_graph need sampler.impl=fast",
+    )
+    _check(
+        s.gradient in ("auto", "autograd", "explicit"),
+        f"sampler.gradient must be auto, autograd or explicit, got '{s.gradient}'",
+    )
+    _check(
+        s.gradient != "explicit" or (s.impl == "fast" and not s.compile and not s.cuda_graph),
+        "sampler.gradient=explicit needs sampler.impl=fast without sampler.compile or sampler.cuda_graph",
     )
     _check(s.chain_groups >= 0, f"sampler.chain_groups must be >= 0 (0 = one per CPU thread), got {s.chain_groups}")
     _check(

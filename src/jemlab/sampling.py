@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from jemlab.config import SamplerConfig
+from jemlab.errors import ConfigError
 from jemlab.models import EnergyModel
 from jemlab.samplers import SGLDStats, sgld
-from jemlab.samplers.fast import fast_sgld
+from jemlab.samplers.explicit import explicit_gradient, explicit_support
+from jemlab.samplers.fast import GradientFn, fast_sgld
 from jemlab.samplers.pyld import pyld, split_first_layer
 
 
@@ -91,6 +93,7 @@ def run_chains(
                 **settings,
             )
         if cfg.impl == "fast":
+            gradient_fn = _gradient_fn(model, x_init, cfg, autocast, labels)
             return fast_sgld(
                 energy_fn,
                 x_init,
@@ -99,6 +102,27 @@ def run_chains(
                 energy_for_rows=energy_for_rows,
                 compile=cfg.compile,
                 cuda_graph=cfg.cuda_graph,
+                gradient_fn=gradient_fn,
                 **settings,
             )
         return sgld(energy_fn, x_init, noise_first=cfg.noise_first, **settings)
+
+
+def _gradient_fn(
+    model: nn.Module,
+    x_init: torch.Tensor,
+    cfg: SamplerConfig,
+    autocast: torch.dtype | None,
+    labels: torch.Tensor | None,
+) -> GradientFn | None:
+    """The explicit gradient for this chain when ``sampler.gradient`` asks for it (or allows it: auto), else None."""
+    if cfg.gradient == "autograd" or cfg.compile or cfg.cuda_graph or autocast == torch.float16:
+        return None
+    reason = explicit_support(model, x_init.device)
+    if reason is not None:
+        if cfg.gradient == "explicit":
+            raise ConfigError(f"sampler.gradient=explicit cannot run this model: {reason}; use sampler.gradient=auto")
+        return None
+    nhwc = x_init.dim() == 4 and x_init.is_contiguous(memory_format=torch.channels_last) and not x_init.is_contiguous()
+    plan = explicit_gradient(model, tuple(x_init.shape), autocast or torch.float32, nhwc)
+    return lambda x: plan(x, labels)

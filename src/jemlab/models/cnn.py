@@ -35,6 +35,10 @@ class CourseCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (N, feature_dim)
 
+    def sequential_layers(self) -> list[nn.Module]:
+        """The layers that `forward` applies one after another (for `jemlab.samplers.explicit`)."""
+        return list(self.net)
+
 
 class SmallCNN(nn.Module):
     """A CPU-friendly CNN for the default preset: three stages of 3×3 convolutions, each stage halving the
@@ -72,3 +76,7 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.conv(x))  # (N, features)
+
+    def sequential_layers(self) -> list[nn.Module]:
+        """The layers that `forward` applies one after another (for `jemlab.samplers.explicit`)."""
+        return [*self.conv, *self.head]

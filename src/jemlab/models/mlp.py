@@ -29,3 +29,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (N, hidden[-1])
+
+    def sequential_layers(self) -> list[nn.Module]:
+        """The layers that `forward` applies one after another (for `jemlab.samplers.explicit`)."""
+        return list(self.net)

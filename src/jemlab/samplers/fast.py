@@ -17,6 +17,9 @@ checks it). What changes is how each step is executed:
 - **torch.compile** (``compile=True``): the whole step — forward, input-gradient backward (``torch.func``), clipping,
   update and clamping — becomes one graph compiled by Inductor, so the element-wise tail fuses into a few loops.
   If compilation fails (no C++ compiler, an unsupported op), the eager step is used and `compile_status()` says why.
+- **Explicit gradients** (``gradient_fn``, chosen by `jemlab.sampling.run_chains` with ``sampler.gradient``): for
+  plain layer sequences on a CPU, ∇ₓE is computed by a hand-written backward pass with pre-packed oneDNN weights
+  and strided transposed convolutions rewritten as stride-1 ones (`jemlab.samplers.explicit`); no autograd.
 - **CUDA graphs** (``cuda_graph=True`` on a GPU): one step is captured once per (energy, shape) and replayed, which
   removes the kernel-launch overhead that dominates small networks on a GPU (`jemlab.samplers.cuda_graph`).
 
@@ -40,6 +43,9 @@ from jemlab.samplers.sgld import EnergyFn, SGLDStats
 
 log = logging.getLogger(__name__)
 
+# x ↦ (E(x), ∇ₓE(x)) computed without autograd (samplers/explicit.py)
+GradientFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass(frozen=True)
 class StepSettings:
@@ -57,18 +63,27 @@ class StepSettings:
 
 
 def _eager_step(
-    energy_fn: EnergyFn, x: torch.Tensor, noise: torch.Tensor, s: StepSettings
+    energy_fn: EnergyFn,
+    x: torch.Tensor,
+    noise: torch.Tensor,
+    s: StepSettings,
+    gradient_fn: GradientFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step on the chain x (updated in place); returns (x, E(x) before the update, ∇ₓE)."""
     if s.noise_first and s.noise > 0:
         x.add_(noise, alpha=s.noise)
         if s.bounds is not None:
             x.clamp_(*s.bounds)
-    x.requires_grad_(True)
-    with torch.autocast(x.device.type, dtype=s.autocast_dtype or torch.bfloat16, enabled=s.autocast_dtype is not None):
-        e = energy_fn(x)
-    (grad,) = torch.autograd.grad(e.sum(), x)
-    x.requires_grad_(False)
+    if gradient_fn is not None:  # the explicit gradient (samplers/explicit.py): no autograd at all
+        e, grad = gradient_fn(x)
+    else:
+        x.requires_grad_(True)
+        with torch.autocast(
+            x.device.type, dtype=s.autocast_dtype or torch.bfloat16, enabled=s.autocast_dtype is not None
+        ):
+            e = energy_fn(x)
+        (grad,) = torch.autograd.grad(e.sum(), x)
+        x.requires_grad_(False)
     update = grad.clamp(-s.grad_clamp, s.grad_clamp) if s.grad_clamp is not None else grad
     x.sub_(update.to(x.dtype), alpha=s.step_size)
     if not s.noise_first and s.noise > 0:
@@ -86,7 +101,12 @@ def _stats(energies: list[torch.Tensor], grads: list[torch.Tensor]) -> SGLDStats
 
 
 def _run_eager(
-    energy_fn: EnergyFn, x_init: torch.Tensor, steps: int, s: StepSettings, generator: torch.Generator | None
+    energy_fn: EnergyFn,
+    x_init: torch.Tensor,
+    steps: int,
+    s: StepSettings,
+    generator: torch.Generator | None,
+    gradient_fn: GradientFn | None = None,
 ) -> tuple[torch.Tensor, SGLDStats]:
     x = x_init.detach().clone()
     noise = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, like torch.randn(x.shape)
@@ -94,7 +114,7 @@ def _run_eager(
     for _ in range(steps):
         if s.noise > 0:
             noise.normal_(generator=generator)  # the numbers torch.randn(x.shape, generator=...) would draw
-        x, e, grad = _eager_step(energy_fn, x, noise, s)
+        x, e, grad = _eager_step(energy_fn, x, noise, s, gradient_fn)
     return x, _stats([e], [grad])
 
 
@@ -285,6 +305,7 @@ def fast_sgld(
     energy_for_rows: Callable[[slice], EnergyFn] | None = None,
     compile: bool = False,
     cuda_graph: bool = False,
+    gradient_fn: GradientFn | None = None,
 ) -> tuple[torch.Tensor, SGLDStats]:
     """`sgld` with the same arguments and result, executed faster (see the module docstring).
 
@@ -298,6 +319,8 @@ def fast_sgld(
         compile: compile the whole step with torch.compile (falls back to eager, once, with a logged reason).
             Used only with a single group.
         cuda_graph: on a CUDA device, capture the step in a CUDA graph and replay it.
+        gradient_fn: x ↦ (E(x), ∇ₓE(x)) without autograd (`jemlab.samplers.explicit`); when given, it replaces
+            autograd, chain groups and compilation (it already evaluates the network at `autocast_dtype`).
 
     Returns:
         (samples, stats) as `sgld` returns them.
@@ -309,6 +332,8 @@ def fast_sgld(
         from jemlab.samplers.cuda_graph import graphed_sgld
 
         return graphed_sgld(energy_fn, x_init, steps, s, generator)
+    if gradient_fn is not None:
+        return _run_eager(energy_fn, x_init, steps, s, generator, gradient_fn)
     groups = min(chain_groups, len(x_init))
     if groups > 1 and not x_init.is_cuda:
         return _run_groups(energy_for_rows or (lambda rows: energy_fn), x_init, steps, s, generator, groups)
