@@ -20,7 +20,9 @@ updates on ``x.data``, fp32, NCHW.
 ``gradient``: autograd, or the hand-written backward of ``jemlab.samplers.explicit``).
 
 With ``--train`` it also times full training iterations (negatives + loss + backward + Adam) of the course preset
-against an eager re-implementation of the course code's training iteration, interleaved the same way.
+against an eager re-implementation of the course code's training iteration, interleaved the same way; with
+``--train-default``, the default preset's training iterations now against the default preset as it was before the
+fast-sampling work (reference sampler, uniform-noise chains: ``DEFAULT_BEFORE``), both through jemlab's Trainer.
 """
 
 from __future__ import annotations
@@ -238,6 +240,57 @@ def train_benchmark(args: argparse.Namespace) -> dict:
     }
 
 
+# The default preset as it was before the fast-sampling work (git f308d48^): the reference sampler from uniform noise.
+DEFAULT_BEFORE = [("sampler.impl", "reference"), ("sampler.init", "uniform")]
+
+
+def default_benchmark(args: argparse.Namespace) -> dict:
+    """Default preset training iterations/s (data + SGLD + loss + backward + Adam): now against before this work."""
+    import tempfile
+
+    from jemlab.data import load_dataset
+    from jemlab.data.testing import write_idx_dataset
+    from jemlab.training.loop import Trainer
+
+    folder = Path(tempfile.mkdtemp()) / "data"
+    write_idx_dataset(folder, n_train=4000, n_test=100, seed=0)
+    splits = load_dataset("fashion-mnist", folder, val_size=100, seed=0, download=False)
+    quiet = [("train.progress", False), ("train.tensorboard", False)]
+    trainers = {
+        "default-before": Trainer(build_config("default", quiet + DEFAULT_BEFORE), None, splits=splits),
+        "default-now": Trainer(build_config("default", quiet), None, splits=splits),
+    }
+    iterations = args.train_iterations
+
+    def runner(trainer: Trainer) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(iterations):
+                x, y = trainer.batcher.next_batch()
+                trainer.train_step(x, y, 0)
+
+        return run
+
+    times, _ = time_modes({name: runner(t) for name, t in trainers.items()}, args.train_rounds, 1)
+    rows = {}
+    images = trainers["default-now"].config.train.batch_size + (trainers["default-now"].config.sampler.batch_size or 0)
+    for name, t in times.items():
+        its = sorted(iterations / s for s in t)
+        rows[name] = {
+            "median_it_per_s": statistics.median(its),
+            "median_images_per_s": statistics.median(its) * images,
+            "min": its[0],
+            "max": its[-1],
+            "n": len(its),
+        }
+    rows["default-now"]["speedup"] = rows["default-now"]["median_it_per_s"] / rows["default-before"]["median_it_per_s"]
+    return {
+        "iterations_per_round": iterations,
+        "rounds": args.train_rounds,
+        "before_overrides": DEFAULT_BEFORE,
+        "table": rows,
+    }
+
+
 def markdown(result: dict) -> str:
     """The README table."""
     step = result["step"]
@@ -260,6 +313,14 @@ def markdown(result: dict) -> str:
         lines += ["", "| course preset training | it/s (median) | speed-up |", "| --- | --- | --- |"]
         for name, row in train.items():
             lines.append(f"| {name} | {row['median_it_per_s']:.2f} | {row.get('speedup', 1.0):.2f}× |")
+    if "default_train" in result:
+        rows = result["default_train"]["table"]
+        lines += ["", "| default preset training | it/s (median) | images/s | speed-up |", "| --- | --- | --- | --- |"]
+        for name, row in rows.items():
+            lines.append(
+                f"| {name} | {row['median_it_per_s']:.2f} | {row['median_images_per_s']:.0f} | "
+                f"{row.get('speedup', 1.0):.2f}× |"
+            )
     return "\n".join(lines)
 
 
@@ -274,6 +335,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--train", action="store_true", help="also time course-preset training iterations")
+    parser.add_argument(
+        "--train-default", action="store_true", help="also time default-preset training, now against before"
+    )
     parser.add_argument("--train-iterations", type=int, default=5)
     parser.add_argument("--train-rounds", type=int, default=5)
     parser.add_argument("--train-set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
@@ -285,6 +349,8 @@ def main() -> None:
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "step": step_benchmark(args)}
     if args.train:
         result["train"] = train_benchmark(args)
+    if args.train_default:
+        result["default_train"] = default_benchmark(args)
     from benchmarks.common import machine_info
 
     result["machine_cpu"] = machine_info()["cpu"]

@@ -29,6 +29,7 @@ understand, which then goes through autograd as before.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -245,7 +246,7 @@ class ExplicitGradient:
                 current = (current[0], layer.out_features)
             elif isinstance(layer, nn.Flatten):
                 self.steps.append(("flatten", current))
-                current = (current[0], int(torch.tensor(current[1:]).prod()))
+                current = (current[0], math.prod(current[1:]))
             elif isinstance(layer, nn.Identity):
                 continue
             else:
