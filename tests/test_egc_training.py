@@ -136,6 +136,8 @@ def test_cli_train_sample_eval_round_trip(tmp_path, tiny_idx_dir, monkeypatch, c
     assert main([*args, *parts, *sizes, "--ood-datasets", "none", "--guidance", "3"]) == 0
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert metrics["test_accuracy"] == summary["test_accuracy"]
+    # EGC runs get smaller attack defaults (EGC_EVAL_DEFAULTS); a flag the user gave still wins
+    assert (metrics["setup"]["options"]["pgd_n"], metrics["setup"]["options"]["defence_n"]) == (4, 25)
     protocol = metrics["samples"]["protocol"]
     assert (protocol["sgld_steps"], protocol["chains_from"], protocol["sampler"]) == (2, "noise", "ddim")
     assert protocol["guidance_conditional"] == 3.0

@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
 
     # eval -----------------------------------------------------------------------------------------------------
+    from jemlab.evaluation.defaults import EGC_EVAL_DEFAULTS as E
     from jemlab.evaluation.defaults import EVAL_DEFAULTS as D
     from jemlab.evaluation.defaults import PARTS
 
@@ -167,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-val", type=_nonneg_int, help=f"validation images for the temperature (default: {D['n_val']})")
     g.add_argument("--n-ood", type=_positive_int, help=f"images per OOD set (default: {D['n_ood']})")
     g.add_argument("--batch-size", type=_positive_int, help=f"forward batch size (default: {D['batch_size']})")
-    g.add_argument("--pgd-n", type=_nonneg_int, help=f"test images attacked, 0 = no attack (default: {D['pgd_n']})")
+    g.add_argument(
+        "--pgd-n",
+        type=_nonneg_int,
+        help=f"test images attacked, 0 = no attack (default: {D['pgd_n']}; EGC runs: {E['pgd_n']})",
+    )
     g.add_argument("--pgd-steps", type=_positive_int, help=f"PGD steps (default: {D['pgd_steps']})")
     g.add_argument("--pgd-restarts", type=_positive_int, help=f"PGD random restarts (default: {D['pgd_restarts']})")
     g.add_argument("--pgd-norms", type=_norms_list, metavar="LIST", help="linf, l2 or linf,l2 (default: linf,l2)")
@@ -186,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"SGLD refinement steps K of the JEM defence, 0 = not evaluated (default: {D['defence_steps']}; JEM: 10)",
     )
     g.add_argument(
-        "--defence-n", type=_nonneg_int, help=f"images attacked through the defence (default: {D['defence_n']})"
+        "--defence-n",
+        type=_nonneg_int,
+        help=f"images attacked through the defence (default: {D['defence_n']}; EGC runs: {E['defence_n']})",
     )
     g.add_argument(
         "--defence-chains",
@@ -554,13 +561,17 @@ def _eval_full(args: argparse.Namespace, run: Any, splits: Any) -> int:
     import torch
 
     from jemlab.evaluation.command import evaluate_run, reference_feature_net
-    from jemlab.evaluation.defaults import EVAL_DEFAULTS, PARTS
+    from jemlab.evaluation.defaults import EGC_EVAL_DEFAULTS, EVAL_DEFAULTS, PARTS
     from jemlab.evaluation.report import write_metrics_json
     from jemlab.evaluation.suite import SuiteOptions
 
+    defaults = dict(EVAL_DEFAULTS)
+    if run.config.objective.name == "egc":  # attacks through a double back-propagation: smaller default sizes
+        defaults.update(EGC_EVAL_DEFAULTS)
+
     def pick(name: str, default_key: str | None = None) -> Any:
         value = getattr(args, name)
-        return EVAL_DEFAULTS[default_key or name] if value is None else value
+        return defaults[default_key or name] if value is None else value
 
     seed = 0 if args.seed is None else args.seed
     torch.manual_seed(seed)
