@@ -196,47 +196,68 @@ def step_benchmark(args: argparse.Namespace) -> dict:
     }
 
 
-def train_benchmark(args: argparse.Namespace) -> dict:
-    """Course preset training iterations/s: jemlab's Trainer against an eager re-implementation of the course code."""
+def _synthetic_splits(n_train: int):
+    """A small synthetic Fashion-MNIST-shaped dataset in a temporary folder (the benchmarks time compute, not data)."""
     import tempfile
 
-    from benchmarks.eager_course import EagerCourseTrainer
     from jemlab.data import load_dataset
     from jemlab.data.testing import write_idx_dataset
-    from jemlab.training.loop import Trainer
 
     folder = Path(tempfile.mkdtemp()) / "data"
-    write_idx_dataset(folder, n_train=2000, n_test=100, seed=0)
-    splits = load_dataset("fashion-mnist", folder, val_size=100, seed=0, download=False)
-    overrides = [("train.progress", False), ("train.tensorboard", False), *[(k, v) for k, v in args.train_set]]
-    trainer = Trainer(build_config("course", overrides), None, splits=splits)
-    eager = EagerCourseTrainer(trainer.config, splits)
-    iterations = args.train_iterations
+    write_idx_dataset(folder, n_train=n_train, n_test=100, seed=0)
+    return load_dataset("fashion-mnist", folder, val_size=100, seed=0, download=False)
 
-    def run_jemlab() -> None:
+
+def _trainer_runner(trainer, iterations: int) -> Callable[[], None]:
+    """`iterations` training steps of a jemlab Trainer (batch drawing included)."""
+
+    def run() -> None:
         for _ in range(iterations):
             x, y = trainer.batcher.next_batch()
             trainer.train_step(x, y, 0)
+
+    return run
+
+
+def _iteration_rows(times: dict[str, list[float]], iterations: int, baseline: str) -> dict[str, dict[str, float]]:
+    """Median/min/max iterations per second per runner, and each runner's speed-up over `baseline`."""
+    rows = {}
+    for name, t in times.items():
+        its = sorted(iterations / s for s in t)
+        rows[name] = {"median_it_per_s": statistics.median(its), "min": its[0], "max": its[-1], "n": len(its)}
+    for name, row in rows.items():
+        if name != baseline:
+            row["speedup"] = row["median_it_per_s"] / rows[baseline]["median_it_per_s"]
+    return rows
+
+
+QUIET = [("train.progress", False), ("train.tensorboard", False)]
+
+
+def train_benchmark(args: argparse.Namespace) -> dict:
+    """Course preset training iterations/s: jemlab's Trainer against an eager re-implementation of the course code."""
+    from benchmarks.eager_course import EagerCourseTrainer
+    from jemlab.training.loop import Trainer
+
+    splits = _synthetic_splits(2000)
+    overrides = [*QUIET, *[(k, v) for k, v in args.train_set]]
+    trainer = Trainer(build_config("course", overrides), None, splits=splits)
+    eager = EagerCourseTrainer(trainer.config, splits)
+    iterations = args.train_iterations
 
     def run_eager() -> None:
         for _ in range(iterations):
             eager.train_step()
 
-    times, _ = time_modes({"eager-course": run_eager, "jemlab-course": run_jemlab}, args.train_rounds, 1)
-    rows = {}
-    for name, t in times.items():
-        its = sorted(iterations / s for s in t)
-        rows[name] = {"median_it_per_s": statistics.median(its), "min": its[0], "max": its[-1], "n": len(its)}
-    rows["jemlab-course"]["speedup"] = (
-        rows["jemlab-course"]["median_it_per_s"] / rows["eager-course"]["median_it_per_s"]
-    )
+    runners = {"eager-course": run_eager, "jemlab-course": _trainer_runner(trainer, iterations)}
+    times, _ = time_modes(runners, args.train_rounds, 1)
     sampler = trainer.config.sampler
     return {
         "iterations_per_round": iterations,
         "rounds": args.train_rounds,
         "course_sampler": {k: getattr(sampler, k) for k in ("steps", "impl", "precision", "compile", "gradient")},
         "channels_last": trainer.config.train.channels_last,
-        "table": rows,
+        "table": _iteration_rows(times, iterations, "eager-course"),
     }
 
 
@@ -246,43 +267,18 @@ DEFAULT_BEFORE = [("sampler.impl", "reference"), ("sampler.init", "uniform")]
 
 def default_benchmark(args: argparse.Namespace) -> dict:
     """Default preset training iterations/s (data + SGLD + loss + backward + Adam): now against before this work."""
-    import tempfile
-
-    from jemlab.data import load_dataset
-    from jemlab.data.testing import write_idx_dataset
     from jemlab.training.loop import Trainer
 
-    folder = Path(tempfile.mkdtemp()) / "data"
-    write_idx_dataset(folder, n_train=4000, n_test=100, seed=0)
-    splits = load_dataset("fashion-mnist", folder, val_size=100, seed=0, download=False)
-    quiet = [("train.progress", False), ("train.tensorboard", False)]
-    trainers = {
-        "default-before": Trainer(build_config("default", quiet + DEFAULT_BEFORE), None, splits=splits),
-        "default-now": Trainer(build_config("default", quiet), None, splits=splits),
-    }
+    splits = _synthetic_splits(4000)
+    before = Trainer(build_config("default", QUIET + DEFAULT_BEFORE), None, splits=splits)
+    now = Trainer(build_config("default", QUIET), None, splits=splits)
     iterations = args.train_iterations
-
-    def runner(trainer: Trainer) -> Callable[[], None]:
-        def run() -> None:
-            for _ in range(iterations):
-                x, y = trainer.batcher.next_batch()
-                trainer.train_step(x, y, 0)
-
-        return run
-
-    times, _ = time_modes({name: runner(t) for name, t in trainers.items()}, args.train_rounds, 1)
-    rows = {}
-    images = trainers["default-now"].config.train.batch_size + (trainers["default-now"].config.sampler.batch_size or 0)
-    for name, t in times.items():
-        its = sorted(iterations / s for s in t)
-        rows[name] = {
-            "median_it_per_s": statistics.median(its),
-            "median_images_per_s": statistics.median(its) * images,
-            "min": its[0],
-            "max": its[-1],
-            "n": len(its),
-        }
-    rows["default-now"]["speedup"] = rows["default-now"]["median_it_per_s"] / rows["default-before"]["median_it_per_s"]
+    runners = {"default-before": _trainer_runner(before, iterations), "default-now": _trainer_runner(now, iterations)}
+    times, _ = time_modes(runners, args.train_rounds, 1)
+    rows = _iteration_rows(times, iterations, "default-before")
+    images = now.config.train.batch_size + (now.config.sampler.batch_size or 0)
+    for row in rows.values():
+        row["median_images_per_s"] = row["median_it_per_s"] * images
     return {
         "iterations_per_round": iterations,
         "rounds": args.train_rounds,
