@@ -23,8 +23,8 @@ Running that program directly, instead of through autograd, lets each piece take
 - **One fused kernel per activation backward** (``silu_backward`` etc.) and no autograd bookkeeping.
 
 The plan is an optimisation, not a different model: `ExplicitGradient` returns the energies and input gradients
-autograd returns, up to floating-point rounding, and refuses (``supported`` → reason) any network it does not
-understand, which then goes through autograd as before.
+autograd returns, up to floating-point rounding. `explicit_support` names the reason for any network it does not
+understand; `jemlab.sampling.run_chains` then uses autograd as before.
 """
 
 from __future__ import annotations
