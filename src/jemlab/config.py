@@ -276,9 +276,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # SPEC S4, JEM++ (Yang & Ji, ICCV 2021) for Fashion-MNIST/MNIST on a 2-core CPU: the default preset's network,
     # objective and optimiser, with JEM++'s sampler: informative initialisation from per-class Gaussians (full
     # covariance at 28×28) and K = 5 proximal SGLD steps (gradient clipped to ±1, no noise, as in the authors' code
-    # sndnyang/JEMPP), run by the fast sampler with one group of chains per CPU thread. PYLD is off here: on this
-    # 4-layer CNN the first layer is ~20% of a full step (it is <1% of WRN-28-10), so its inner steps cost more
-    # than they save on a CPU; turn it on with sampler.pyld_steps=5 (jempp-cifar10 does).
+    # sndnyang/JEMPP), run by the fast sampler (explicit input gradient on a CPU; chain groups where that does not
+    # apply). PYLD is off here: on this 4-layer CNN the first layer is ~20% of a full step (it is <1% of
+    # WRN-28-10), so its inner steps cost more than they save on a CPU; turn it on with sampler.pyld_steps=5
+    # (jempp-cifar10 does).
     "jempp": {
         **_CPU_CNN,
         "sampler.steps": 5,
