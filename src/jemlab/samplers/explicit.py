@@ -98,14 +98,25 @@ def subpixel_weight(weight: torch.Tensor, stride: int, padding: int, size_in: in
         (K of shape (s²·C_in, C_out, D, D), pad_before, pad_after); a negative padding crops.
     """
     c_out, c_in, k, _ = weight.shape
-    taps, slots, before, after = _subpixel_geometry(k, stride, padding, size_in, size_out)
-    # a zero tap at index k stands for "no tap"; gather rows (phase_y, slot_y) × columns (phase_x, slot_x)
-    padded = F.pad(weight, (0, 1, 0, 1))  # (C_out, C_in, k+1, k+1)
-    rows = taps.reshape(-1)  # (s·D,)
-    kernel = padded[:, :, rows][:, :, :, rows]  # (C_out, C_in, s·D, s·D)
-    kernel = kernel.reshape(c_out, c_in, stride, slots, stride, slots)
-    kernel = kernel.permute(2, 4, 1, 0, 3, 5)  # (ry, rx, C_in, C_out, D, D)
-    return kernel.reshape(stride * stride * c_in, c_out, slots, slots), before, after
+    index, before, after = _subpixel_index(c_out, c_in, k, stride, padding, size_in, size_out)
+    # one gather from the flattened weight plus a trailing zero (the "no tap" entry): this runs once per chain
+    flat = torch.cat([weight.reshape(-1), weight.new_zeros(1)])
+    return flat[index], before, after
+
+
+@lru_cache(maxsize=64)
+def _subpixel_index(
+    c_out: int, c_in: int, k: int, s: int, p: int, size_in: int, size_out: int
+) -> tuple[torch.Tensor, int, int]:
+    """Flat indices into (weight.flatten(), 0) that lay out the sub-pixel kernel (s²·C_in, C_out, D, D) directly."""
+    taps, slots, before, after = _subpixel_geometry(k, s, p, size_in, size_out)
+    ty = taps.view(s, 1, 1, 1, slots, 1)  # (ry, rx, c_in, c_out, dy, dx) broadcast axes
+    tx = taps.view(1, s, 1, 1, 1, slots)
+    ci = torch.arange(c_in).view(1, 1, c_in, 1, 1, 1)
+    co = torch.arange(c_out).view(1, 1, 1, c_out, 1, 1)
+    index = ((co * c_in + ci) * k + ty) * k + tx
+    index = torch.where((ty < k) & (tx < k), index, c_out * c_in * k * k)  # the trailing zero
+    return index.reshape(s * s * c_in, c_out, slots, slots), before, after
 
 
 def depth_to_space(y: torch.Tensor, stride: int) -> torch.Tensor:
@@ -224,9 +235,9 @@ class ExplicitGradient:
                 k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding[0]
                 size_in = current[-1]
                 size_out = (size_in + 2 * p - k) // s + 1
-                weight = layer.weight.detach().to(dtype).contiguous(memory_format=fmt)
+                weight = layer.weight.detach().to(dtype=dtype, memory_format=fmt)
                 back, before, after = subpixel_weight(layer.weight.detach(), s, p, size_in, size_out)
-                back = back.to(dtype).contiguous(memory_format=fmt)
+                back = back.to(dtype=dtype, memory_format=fmt)
                 bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
                 padded_out = size_out + before + after
                 if packed:
