@@ -8,7 +8,9 @@ torch sees). The energy network is built once with a fixed seed and its paramete
 same starting batch (U[−1, 1] noise) with the course preset's sampler settings (K steps of size 10, gradient
 clipped to ±0.03, noise 0.005 added first). A *round* runs every mode once, in a fixed order, and times one chain of
 K steps per mode (``time.perf_counter`` around the call, so start-up costs inside the call are included). The first
-``--warmup`` rounds are discarded (this is where torch.compile compiles; its time is reported separately). We
+``--warmup`` rounds are discarded (this is where torch.compile compiles; its time is reported separately). glibc
+malloc is tuned first (``--malloc tuned``, `jemlab.allocator`), the same for every mode, so that no mode's time
+depends on page faults that other modes' frees caused or prevented; each row records its minor page faults. We
 report, per mode, the median over rounds of the time per SGLD step, the spread as the interquartile range, the
 speed-up over the reference (ratio of medians), and achieved GFLOP/s = FLOPs per step (torch's FLOP counter on one
 eager step: forward and input-gradient backward) / median time, also as a fraction of the machine's fp32 peak.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +42,7 @@ import torch
 
 from benchmarks.common import write_result
 from benchmarks.flops import count_flops, cpu_peak, measured_matmul_gflops
+from jemlab.allocator import allocator_status, tune_allocator
 from jemlab.config import SamplerConfig, build_config
 from jemlab.models import EnergyModel, build_model
 from jemlab.samplers import fast
@@ -123,14 +127,23 @@ def summarise(times: list[float], steps: int) -> dict[str, float]:
     return {"median_ms": q[1], "q1_ms": q[0], "q3_ms": q[2], "min_ms": per_step[0], "n": len(per_step)}
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_modes(
     runners: dict[str, Callable[[], object]], rounds: int, warmup: int
-) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Interleaved timing: every round calls every runner once. Returns per-runner times and warm-up times."""
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, list[int]]]:
+    """Interleaved timing: every round calls every runner once.
+
+    Returns per-runner times, warm-up times and minor page faults per timed call (the process's count: other
+    threads of this process are included, nothing else runs meanwhile)."""
     times: dict[str, list[float]] = {name: [] for name in runners}
+    faults: dict[str, list[int]] = {name: [] for name in runners}
     warmup_s: dict[str, float] = {name: 0.0 for name in runners}
     for r in range(warmup + rounds):
         for name, run in runners.items():
+            faults_before = _minor_faults()
             start = time.perf_counter()
             run()
             elapsed = time.perf_counter() - start
@@ -138,7 +151,8 @@ def time_modes(
                 warmup_s[name] += elapsed
             else:
                 times[name].append(elapsed)
-    return times, warmup_s
+                faults[name].append(_minor_faults() - faults_before)
+    return times, warmup_s, faults
 
 
 def step_benchmark(args: argparse.Namespace) -> dict:
@@ -169,7 +183,7 @@ def step_benchmark(args: argparse.Namespace) -> dict:
     for name in args.modes:
         sampler = jemlab_sampler(copy.deepcopy(base), MODES[name], cfg)
         runners[name] = lambda sampler=sampler: sampler(x0)
-    times, warmup_s = time_modes(runners, args.rounds, args.warmup)
+    times, warmup_s, faults = time_modes(runners, args.rounds, args.warmup)
 
     peak = cpu_peak()
     reference = summarise(times["reference-eager"], cfg.steps)["median_ms"]
@@ -180,6 +194,7 @@ def step_benchmark(args: argparse.Namespace) -> dict:
         row["gflops"] = flops_per_step / (row["median_ms"] * 1e-3) / 1e9
         row["fraction_of_fp32_peak"] = row["gflops"] / peak["fp32_peak_gflops"]
         row["warmup_s"] = warmup_s[name]
+        row["minor_faults_per_step"] = statistics.median(faults[name]) / cfg.steps
         table[name] = row
     return {
         "model": args.model,
@@ -219,12 +234,21 @@ def _trainer_runner(trainer, iterations: int) -> Callable[[], None]:
     return run
 
 
-def _iteration_rows(times: dict[str, list[float]], iterations: int, baseline: str) -> dict[str, dict[str, float]]:
-    """Median/min/max iterations per second per runner, and each runner's speed-up over `baseline`."""
+def _iteration_rows(
+    times: dict[str, list[float]], iterations: int, baseline: str, faults: dict[str, list[int]]
+) -> dict[str, dict[str, float]]:
+    """Median/min/max iterations per second per runner, minor page faults per iteration, and each runner's
+    speed-up over `baseline`."""
     rows = {}
     for name, t in times.items():
         its = sorted(iterations / s for s in t)
-        rows[name] = {"median_it_per_s": statistics.median(its), "min": its[0], "max": its[-1], "n": len(its)}
+        rows[name] = {
+            "median_it_per_s": statistics.median(its),
+            "min": its[0],
+            "max": its[-1],
+            "n": len(its),
+            "minor_faults_per_iteration": statistics.median(faults[name]) / iterations,
+        }
     for name, row in rows.items():
         if name != baseline:
             row["speedup"] = row["median_it_per_s"] / rows[baseline]["median_it_per_s"]
@@ -250,14 +274,14 @@ def train_benchmark(args: argparse.Namespace) -> dict:
             eager.train_step()
 
     runners = {"eager-course": run_eager, "jemlab-course": _trainer_runner(trainer, iterations)}
-    times, _ = time_modes(runners, args.train_rounds, 1)
+    times, _, faults = time_modes(runners, args.train_rounds, 1)
     sampler = trainer.config.sampler
     return {
         "iterations_per_round": iterations,
         "rounds": args.train_rounds,
         "course_sampler": {k: getattr(sampler, k) for k in ("steps", "impl", "precision", "compile", "gradient")},
         "channels_last": trainer.config.train.channels_last,
-        "table": _iteration_rows(times, iterations, "eager-course"),
+        "table": _iteration_rows(times, iterations, "eager-course", faults),
     }
 
 
@@ -274,8 +298,8 @@ def default_benchmark(args: argparse.Namespace) -> dict:
     now = Trainer(build_config("default", QUIET), None, splits=splits)
     iterations = args.train_iterations
     runners = {"default-before": _trainer_runner(before, iterations), "default-now": _trainer_runner(now, iterations)}
-    times, _ = time_modes(runners, args.train_rounds, 1)
-    rows = _iteration_rows(times, iterations, "default-before")
+    times, _, faults = time_modes(runners, args.train_rounds, 1)
+    rows = _iteration_rows(times, iterations, "default-before", faults)
     images = now.config.train.batch_size + (now.config.sampler.batch_size or 0)
     for row in rows.values():
         row["median_images_per_s"] = row["median_it_per_s"] * images
@@ -296,19 +320,28 @@ def markdown(result: dict) -> str:
         f"{result['torch']}); fp32 peak {step['peak']['fp32_peak_gflops']:.0f} GFLOP/s "
         f"({step['peak']['formula']}), sgemm {step['peak']['measured_sgemm_gflops']:.0f} GFLOP/s",
         "",
-        "| mode | ms/step (median) | IQR | speed-up | GFLOP/s | % of fp32 peak |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"malloc: {result['malloc']['reason'] if result['malloc']['tuned'] else 'glibc defaults'}",
+        "",
+        "| mode | ms/step (median) | IQR | speed-up | GFLOP/s | % of fp32 peak | page faults/step |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in step["table"].items():
         lines.append(
             f"| {name} | {row['median_ms']:.2f} | {row['q1_ms']:.2f}–{row['q3_ms']:.2f} | {row['speedup']:.2f}× | "
-            f"{row['gflops']:.1f} | {100 * row['fraction_of_fp32_peak']:.1f}% |"
+            f"{row['gflops']:.1f} | {100 * row['fraction_of_fp32_peak']:.1f}% | {row['minor_faults_per_step']:.0f} |"
         )
     if "train" in result:
         train = result["train"]["table"]
-        lines += ["", "| course preset training | it/s (median) | speed-up |", "| --- | --- | --- |"]
+        lines += [
+            "",
+            "| course preset training | it/s (median) | speed-up | page faults/it |",
+            "| --- | --- | --- | --- |",
+        ]
         for name, row in train.items():
-            lines.append(f"| {name} | {row['median_it_per_s']:.2f} | {row.get('speedup', 1.0):.2f}× |")
+            lines.append(
+                f"| {name} | {row['median_it_per_s']:.2f} | {row.get('speedup', 1.0):.2f}× | "
+                f"{row['minor_faults_per_iteration']:.0f} |"
+            )
     if "default_train" in result:
         rows = result["default_train"]["table"]
         lines += ["", "| default preset training | it/s (median) | images/s | speed-up |", "| --- | --- | --- | --- |"]
@@ -337,12 +370,25 @@ def main() -> None:
     parser.add_argument("--train-iterations", type=int, default=5)
     parser.add_argument("--train-rounds", type=int, default=5)
     parser.add_argument("--train-set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    parser.add_argument(
+        "--malloc",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="tuned: jemlab.allocator.tune_allocator() at start, as the jemlab command does, for every mode alike; "
+        "default: glibc's own settings, under which a mode's page faults depend on what ran before it",
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    malloc = tune_allocator(force=True) if args.malloc == "tuned" else allocator_status()
 
-    result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "step": step_benchmark(args)}
+    result = {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "malloc": malloc,
+        "step": step_benchmark(args),
+    }
     if args.train:
         result["train"] = train_benchmark(args)
     if args.train_default:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jemlab.allocator import tune_allocator
 from jemlab.errors import ConfigError, JemlabError
 
 
@@ -726,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        tune_allocator()  # freed tensors stay in the process: no page faults per step (jemlab/allocator.py)
         return args.func(args)
     except JemlabError as err:
         print(f"error: {err}", file=sys.stderr)

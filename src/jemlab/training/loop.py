@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from jemlab import distributed
+from jemlab.allocator import allocator_status
 from jemlab.config import Config, validate_config
 from jemlab.data import ArrayDataset, DatasetSplits, load_dataset
 from jemlab.data.augment import augment
@@ -507,7 +508,7 @@ class Trainer:
         log.info(
             f"jemlab: preset={cfg.preset} dataset={self.splits.name} model={cfg.model.name} "
             f"({n_params / 1e6:.2f}M params) device={self.device} threads={torch.get_num_threads()} "
-            f"processes={self.dist.world_size} "
+            f"processes={self.dist.world_size} malloc={'tuned' if allocator_status()['tuned'] else 'default'} "
             f"train={len(self.splits.train)} val={len(self.splits.val)} steps/epoch={steps_per_epoch} "
             f"budget={'none' if budget is None else f'{t.minutes:g} min'} run_dir={self.run_dir}"
         )
@@ -633,6 +634,7 @@ class Trainer:
             "checkpoint": None if ckpt is None else str(ckpt),
             "git_sha": git_sha(),
             "torch_version": torch.__version__,
+            "malloc": "tuned" if allocator_status()["tuned"] else "default",
         }
         if failure is not None:
             final["error"] = failure
