@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from jemlab.allocator import allocator_status
 from jemlab.training.loop import git_sha
 
 
@@ -31,6 +32,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "malloc": allocator_status(),
     }
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_result
+from jemlab.allocator import tune_allocator
 from jemlab.config import build_config, parse_overrides
 from jemlab.data import load_dataset
 from jemlab.training.loop import Trainer, evaluate_split
@@ -100,6 +101,7 @@ def plot(runs: list[dict], target: float, path: Path) -> None:
 
 
 def main() -> None:
+    tune_allocator()  # as the jemlab command does (jemlab/allocator.py); recorded in the result's machine facts
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--presets", nargs="+", default=["default", "jempp"], help="preset names, each optionally name:key=v,key=v"

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_result
+from jemlab.allocator import tune_allocator
 from jemlab.config import build_config, parse_overrides
 from jemlab.generate import generate
 from jemlab.training.loop import Trainer
 
 
 def main() -> None:
+    tune_allocator()  # as the jemlab command does (jemlab/allocator.py); recorded in the result's machine facts
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default")
     parser.add_argument("--dataset", default="fashion-mnist")
