@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -51,6 +52,32 @@ def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "plain.safetensors")
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "missing")
+
+
+def test_a_flipped_bit_in_the_weights_is_caught_by_the_digest(tmp_path):
+    weights = torch.linspace(-1, 1, 1000)
+    path = save_checkpoint(tmp_path / "c.safetensors", {"w": weights, "b": torch.zeros(3)}, {})
+    data = bytearray(path.read_bytes())
+    data[-1000] ^= 0x01  # inside w's bytes (safetensors keeps the header first, tensor bytes after it)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="do not match their SHA-256 digest"):
+        load_checkpoint(damaged)
+    state, _ = load_checkpoint(path)  # the intact file still loads
+    assert torch.equal(state["w"], weights)
+
+
+def test_checkpoints_without_a_digest_still_load(tmp_path):
+    from safetensors.torch import save
+
+    from jemlab.training.checkpoint import FORMAT_NAME, FORMAT_VERSION, flatten_state
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = flatten_state({"w": torch.ones(4)}, "s", tensors)
+    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "state": json.dumps(tree), "meta": "{}"}
+    (tmp_path / "old.safetensors").write_bytes(save(tensors, metadata=header))  # as written before the digest
+    state, meta = load_checkpoint(tmp_path / "old.safetensors")
+    assert torch.equal(state["w"], torch.ones(4)) and meta == {}
 
 
 def test_run_checkpoints_keep_last_n_and_latest_pointer(tmp_path):

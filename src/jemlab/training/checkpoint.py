@@ -11,10 +11,16 @@ Layout of a run directory::
 
 Files are written to a temporary name, flushed to disk and renamed, then `latest` is replaced the same way, so a
 run killed at any moment leaves the previous checkpoint intact and `latest` pointing to a complete file.
+
+The header also holds a SHA-256 digest of every tensor (name, dtype, shape and bytes, in name order). safetensors
+itself only checks that the byte ranges fit the file, so a flipped bit in the weights (a bad disk, a damaged copy)
+would otherwise load silently; with the digest it is a clear error. Checkpoints written before the digest existed
+load without the check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -30,6 +36,17 @@ from jemlab.errors import CheckpointError
 FORMAT_NAME = "jemlab-checkpoint"
 FORMAT_VERSION = 1
 LATEST = "latest"
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and raw bytes, in name order (hex)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 # --- flattening nested state into tensors + JSON -----------------------------------------------------------------
@@ -119,6 +136,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any
         "jemlab_version": __version__,
         "state": json.dumps(tree),
         "meta": json.dumps(meta),
+        "tensor_sha256": tensor_digest(tensors),
     }
     path = Path(path)
     atomic_write_bytes(path, save(tensors, metadata=header))
@@ -214,6 +232,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(
             f"{path}: checkpoint format version {header.get('format_version')} is not supported by jemlab "
             f"{__version__} (reads version {FORMAT_VERSION}); upgrade jemlab"
+        )
+    expected = header.get("tensor_sha256")
+    if expected is not None and tensor_digest(tensors) != expected:
+        raise CheckpointError(
+            f"{path}: the checkpoint's tensors do not match their SHA-256 digest (the file was damaged after it was "
+            f"written); use an earlier checkpoint from the same run"
         )
     try:
         state = unflatten_state(json.loads(header["state"]), tensors)
