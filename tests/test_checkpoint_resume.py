@@ -39,6 +39,19 @@ def test_pickle_file_is_refused_without_unpickling(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_header_length_that_starts_like_a_pickle_still_loads(tmp_path):
+    # a header of 640 (896, ...) bytes is stored as 80 02 00 ..., which is also how a protocol-2 (3, ...) pickle starts
+    for pad in range(1000):
+        path = save_checkpoint(tmp_path / "c.safetensors", {"a": torch.ones(2)}, {"pad": "x" * pad})
+        head = path.read_bytes()[:2]
+        if head[0] == 0x80 and head[1] in (2, 3, 4, 5):
+            break
+    else:
+        pytest.fail("no padding gave a header of 640, 896, 1152 or 1408 bytes")
+    state, meta = load_checkpoint(path)
+    assert torch.equal(state["a"], torch.ones(2)) and meta["pad"] == "x" * pad
+
+
 def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
     path = save_checkpoint(tmp_path / "c.safetensors", {"a": torch.ones(100)}, {})
     data = path.read_bytes()

@@ -207,8 +207,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path = resolve_checkpoint(path)
     with open(path, "rb") as f:
         head = f.read(16)
-    # Pickle protocols 2-5 open with PROTO (0x80) and the protocol number; torch.save writes a zip archive.
-    if (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04":
+    # A safetensors file opens with its header length (8 bytes, little-endian) and the header's "{". Only files that
+    # are not shaped like that are checked for pickle's signature, PROTO (0x80) and the protocol number 2-5, or
+    # torch.save's zip archive: a header of 640, 896, 1,152 or 1,408 bytes also starts with 0x80 and 2-5.
+    header_size = int.from_bytes(head[:8], "little")
+    safetensors_like = head[8:9] == b"{" and 8 + header_size <= path.stat().st_size
+    pickle_like = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if not safetensors_like and (pickle_like or head[:4] == b"PK\x03\x04"):
         raise CheckpointError(
             f"{path}: this is a pickle/torch.save file, which jemlab never loads because unpickling can run "
             f"arbitrary code; convert trusted weights to safetensors or retrain"
