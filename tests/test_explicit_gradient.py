@@ -106,6 +106,31 @@ def test_without_onednn_packing_the_plain_convolutions_give_the_same_gradient(mo
     torch.testing.assert_close(plain, packed, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_reused_padded_buffers_leak_nothing_between_calls_or_threads(nhwc):
+    """Activation backwards write into per-thread zero-padded buffers kept by the plan (course CNN: layers 2-4)."""
+    import threading
+
+    model, shape = make("course")
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    gen = torch.Generator().manual_seed(6)
+    x1, x2 = ((torch.rand((4, *shape), generator=gen) * 2 - 1).contiguous(memory_format=fmt) for _ in range(2))
+    plan = ExplicitGradient(model, tuple(x1.shape), torch.float32, nhwc)
+    first = plan(x1)[1].clone()
+    plan(x2)
+    torch.testing.assert_close(plan(x1)[1], first, rtol=0, atol=0)  # same buffers, no trace of x2
+    torch.testing.assert_close(first, autograd_energy_and_grad(model, x1)[1], rtol=1e-4, atol=1e-7)
+    results = {}
+    work = [(1, x1), (2, x2)]
+    threads = [threading.Thread(target=lambda k=k, x=x: results.__setitem__(k, plan(x)[1])) for k, x in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.testing.assert_close(results[1], first, rtol=0, atol=0)
+    torch.testing.assert_close(results[2], plan(x2)[1], rtol=0, atol=0)
+
+
 def test_the_cached_plan_follows_an_in_place_parameter_update():
     model, shape = make("cnn-swish")
     x = torch.rand((4, *shape), generator=torch.Generator().manual_seed(4)) * 2 - 1
