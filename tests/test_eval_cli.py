@@ -92,6 +92,17 @@ def test_eval_all_writes_report_json_and_cache(runs, tmp_path, monkeypatch, caps
     assert feature_net_path("fashion-mnist", tmp_path / "cache").is_file()
 
 
+def test_pgd_loss_flag_reaches_the_attack_and_the_protocol(runs, tmp_path, capsys):
+    report = tmp_path / "margin"
+    args = ["eval", "--checkpoint", str(runs.jem), "--data-dir", str(runs.data), "--parts", "robustness"]
+    assert main([*args, "--report", str(report), *TINY, "--defence-steps", "0", "--pgd-loss", "margin"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    protocol = metrics["robustness"]["protocol"]
+    assert protocol["loss"] == "margin" and "logit margin" in protocol["attack"]
+    assert "PGD on the logit margin" in (report / "report.md").read_text()
+    assert 0 <= metrics["robustness"]["linf"]["undefended"]["robust_accuracy"][1] <= 1
+
+
 def test_fid_ref_trains_once_then_reuses(runs, tmp_path, capsys):
     cache = tmp_path / "cache"
     args = ["fid-ref", "--dataset", "fashion-mnist", "--data-dir", str(runs.data), "--cache-dir", str(cache)]
@@ -176,6 +187,7 @@ def test_partner_ood_sets_match_shapes_or_skip_with_a_note(runs):
         (["--all", "--eps-linf", "0,2"], "[0, 1] pixel units"),
         (["--all", "--ood-datasets", "imagenet"], "unknown dataset(s) imagenet"),
         (["--all", "--parts", "ood"], "not allowed with argument"),
+        (["--all", "--pgd-loss", "hinge"], "invalid choice: 'hinge'"),
     ],
 )
 def test_bad_flags_are_one_line_usage_errors(tmp_path, capsys, extra, message):

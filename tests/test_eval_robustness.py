@@ -159,3 +159,22 @@ def test_robustness_plot(tmp_path):
     c = {"eps": [0.0, 0.1], "robust_accuracy": [0.9, 0.2]}
     p = rob.plot_robustness_curves({"plain": c, "defended": c}, tmp_path / "r.png")
     assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_margin_loss_sees_through_a_saturated_softmax_that_masks_the_cross_entropy():
+    """Logits scaled ×10⁴ in float32: the softmax of a correct prediction is exactly one-hot, so the cross-entropy's
+    input gradient is exactly zero and CE-PGD cannot move; the margin's gradient is w_j − w_y whatever the scale."""
+    lin = _linear(16, 3, 7).float()
+    x = _inputs(40, 16, 8).float()
+    with torch.no_grad():
+        y = lin(x.flatten(1)).argmax(1)  # every image correctly classified
+
+    def fn(z):
+        return 1e4 * lin(z.flatten(1))
+
+    kw = dict(eps=0.2, steps=20, random_start=False)  # L∞ 0.2 in [0, 1] units flips every prediction of this model
+    ce = rob.evaluate_attack(fn, x, y, loss="ce", **kw)
+    margin = rob.evaluate_attack(fn, x, y, loss="margin", **kw)
+    assert ce["clean_accuracy"] == 1.0
+    assert ce["robust_accuracy"] == 1.0  # masked: the attack never leaves x
+    assert margin["robust_accuracy"] < 0.2

@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pgd-restarts", type=_positive_int, help=f"PGD random restarts (default: {D['pgd_restarts']})")
     g.add_argument("--pgd-norms", type=_norms_list, metavar="LIST", help="linf, l2 or linf,l2 (default: linf,l2)")
     g.add_argument(
+        "--pgd-loss",
+        choices=["ce", "margin"],
+        help="loss PGD ascends: ce (cross-entropy) or margin (best other logit minus the true one; checks for "
+        f"gradient masking by a saturated softmax) (default: {D['pgd_loss']})",
+    )
+    g.add_argument(
         "--eps-linf",
         type=_eps_list,
         metavar="LIST",
@@ -504,7 +510,7 @@ def _dataset_list(text: str) -> tuple[str, ...]:
 
 # Flags that only the full evaluation reads (the fast path refuses them rather than ignoring them).
 _SUITE_FLAGS = (
-    "n_test", "n_val", "n_ood", "batch_size", "pgd_n", "pgd_steps", "pgd_restarts", "pgd_norms", "eps_linf",
+    "n_test", "n_val", "n_ood", "batch_size", "pgd_n", "pgd_steps", "pgd_restarts", "pgd_loss", "pgd_norms", "eps_linf",
     "eps_l2", "defence_steps", "defence_n", "defence_chains", "defence_eot", "n_samples", "sample_steps",
     "sample_init", "kid_subsets", "kid_subset_size", "bins", "temperature_scaling", "ood_datasets", "cache_dir",
     "no_train_feature_net", "feature_net_minutes", "seed", "report", "guidance",
@@ -592,6 +598,7 @@ def _eval_full(args: argparse.Namespace, run: Any, splits: Any) -> int:
         pgd_eps_l2=tuple(pick("eps_l2")),
         pgd_steps=pick("pgd_steps"),
         pgd_restarts=pick("pgd_restarts"),
+        pgd_loss=pick("pgd_loss"),
         defence_steps=pick("defence_steps"),
         defence_n=pick("defence_n"),
         defence_chains=pick("defence_chains"),

@@ -374,7 +374,10 @@ def _protocol_entries(
         }
     if "robustness" in metrics:
         metrics["robustness"]["protocol"] = {
-            "attack": "PGD (Madry et al., 2018) on the cross-entropy, best iterate kept",
+            "attack": "PGD (Madry et al., 2018) on the "
+            + ("cross-entropy" if opts.pgd_loss == "ce" else "logit margin (Carlini & Wagner, 2017)")
+            + ", best iterate kept",
+            "loss": opts.pgd_loss,
             "n_images": opts.pgd_n,
             "steps": opts.pgd_steps,
             "step_size": "2.5 * eps / steps",

@@ -19,6 +19,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "pgd_n": 500,
     "pgd_steps": 10,
     "pgd_restarts": 1,
+    "pgd_loss": "ce",
     "pgd_norms": ("linf", "l2"),
     "eps_linf": (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.1),
     "eps_l2": (0.0, 0.25, 0.5, 1.0),

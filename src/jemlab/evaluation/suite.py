@@ -64,6 +64,9 @@ class SuiteOptions:
         pgd_eps_l2: L2 budgets in [0, 1] pixel units.
         pgd_steps: PGD steps.
         pgd_restarts: PGD random restarts.
+        pgd_loss: ``"ce"`` (cross-entropy, as the JEM paper attacks) or ``"margin"`` (max_{j≠y} f_j − f_y,
+            Carlini & Wagner, 2017), which keeps a useful gradient where a saturated softmax makes the
+            cross-entropy's vanish (a check for gradient masking).
         defence_steps: K SGLD refinement steps for the JEM defence (0 = do not evaluate the
             defence).
         defence_n: Examples attacked through the defence (it costs K× more per step).
@@ -104,6 +107,7 @@ class SuiteOptions:
     pgd_eps_l2: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
     pgd_steps: int = 10
     pgd_restarts: int = 1
+    pgd_loss: str = "ce"
     defence_steps: int = 0
     defence_n: int = 50
     defence_chains: int = 1
@@ -127,6 +131,8 @@ class SuiteOptions:
         bad = set(self.ood_scores) - known
         if bad:
             raise JemlabError(f"unknown OOD scores {sorted(bad)}; choose from {sorted(known)}")
+        if self.pgd_loss not in ("ce", "margin"):
+            raise JemlabError(f"pgd_loss must be 'ce' or 'margin', got {self.pgd_loss!r}")
         if set(self.pgd_norms) - {"linf", "l2"}:
             raise JemlabError(f"pgd_norms must be 'linf' and/or 'l2', got {list(self.pgd_norms)}")
         for name in ("n_test", "n_ood", "batch_size", "pgd_steps", "pgd_restarts", "sample_batch", "ood_fit_n"):
@@ -453,6 +459,7 @@ def run_suite(
                 attack_kw = dict(
                     steps=opts.pgd_steps,
                     restarts=opts.pgd_restarts,
+                    loss=opts.pgd_loss,
                     generator=gen,
                     batch_size=opts.batch_size,
                 )
@@ -485,7 +492,8 @@ def run_suite(
                 )
             metrics["robustness"] = rob_metrics
             notes.append(
-                f"PGD: {len(x_r)} test images, {opts.pgd_steps} steps, step 2.5*eps/steps, "
+                f"PGD on the {'cross-entropy' if opts.pgd_loss == 'ce' else 'logit margin'}: {len(x_r)} test "
+                f"images, {opts.pgd_steps} steps, step 2.5*eps/steps, "
                 f"{opts.pgd_restarts} random restart(s); eps in [0, 1] pixel units (x2 in our "
                 "[-1, 1] "
                 "range), inputs clipped to [-1, 1]."
