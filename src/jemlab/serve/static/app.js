@@ -44,27 +44,44 @@ function stroke(a, b) {
   pen.shadowBlur = 0;
 }
 
-// The drawing → the model's input: a flat C·H·W list in [0, 1]. With "fit" on, the drawing's bounding box is
-// scaled and centred the way the dataset's images are (MNIST digits: a 20-pixel box in 28; others fill the frame).
+// The drawing → the model's input: a flat C·H·W list in [0, 1]. With "fit" on, the drawing is scaled and placed
+// the way the dataset's images are: MNIST digits fit a 20-pixel box and are then shifted so that their centre of
+// mass sits at the image centre (as LeCun et al. prepared MNIST); other datasets' objects fill the frame, centred
+// by their bounding box.
 function modelInput() {
   const [c, h, w] = state.info.image_shape;
   const small = document.createElement("canvas"); small.width = w; small.height = h;
   const ctx = small.getContext("2d");
-  ctx.fillStyle = "#000"; ctx.fillRect(0, 0, w, h); ctx.imageSmoothingQuality = "high";
+  const fit = $("fit").checked && !state.refined;
+  const mnist = state.info.dataset.startsWith("mnist");
   let box = [0, 0, draw.width, draw.height];
-  if ($("fit").checked && !state.refined) box = boundingBox() || box;
+  if (fit) box = boundingBox() || box;
   const [x0, y0, bw, bh] = box;
-  const fill = state.info.dataset.startsWith("mnist") ? 20 / 28 : 26 / 28;
-  const scale = fill * Math.min(w / bw, h / bh);
+  const scale = (mnist ? 20 / 28 : 26 / 28) * Math.min(w / bw, h / bh);
   const [dw, dh] = [bw * scale, bh * scale];
-  const [dx, dy] = $("fit").checked && !state.refined ? [(w - dw) / 2, (h - dh) / 2] : [0, 0];
-  if ($("fit").checked && !state.refined) ctx.drawImage(draw, x0, y0, bw, bh, dx, dy, dw, dh);
-  else ctx.drawImage(draw, 0, 0, w, h);
+  const place = (dx, dy) => {
+    ctx.fillStyle = "#000"; ctx.fillRect(0, 0, w, h); ctx.imageSmoothingQuality = "high";
+    if (fit) ctx.drawImage(draw, x0, y0, bw, bh, dx, dy, dw, dh);
+    else ctx.drawImage(draw, 0, 0, w, h);
+  };
+  let [dx, dy] = [(w - dw) / 2, (h - dh) / 2];
+  place(dx, dy);
+  if (fit && mnist) {
+    const [cx, cy] = centreOfMass(ctx.getImageData(0, 0, w, h).data, w, h);
+    if (cx !== null) { dx += Math.round(w / 2 - cx); dy += Math.round(h / 2 - cy); place(dx, dy); }
+  }
   const rgba = ctx.getImageData(0, 0, w, h).data;
   const pixels = new Array(c * h * w);
   for (let ch = 0; ch < c; ch++)
     for (let i = 0; i < h * w; i++) pixels[ch * h * w + i] = rgba[4 * i + (c === 1 ? 0 : ch)] / 255;
   return pixels;
+}
+// Intensity-weighted centre of the red channel (pixel centres at x + 0.5), or [null, null] for a blank image.
+function centreOfMass(rgba, w, h) {
+  let [total, sx, sy] = [0, 0, 0];
+  for (let y = 0; y < h; y++)
+    for (let x = 0; x < w; x++) { const v = rgba[4 * (y * w + x)]; total += v; sx += v * (x + 0.5); sy += v * (y + 0.5); }
+  return total > 0 ? [sx / total, sy / total] : [null, null];
 }
 function boundingBox() {
   const data = pen.getImageData(0, 0, draw.width, draw.height).data;
