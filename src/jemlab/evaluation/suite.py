@@ -486,7 +486,8 @@ def run_suite(
                         rob.plot_robustness_curves(
                             curves,
                             fig_dir / f"robustness_{norm}.png",
-                            title=f"PGD-{opts.pgd_steps} {norm}",
+                            title=f"PGD-{opts.pgd_steps} {norm}"
+                            + (", logit-margin loss" if opts.pgd_loss == "margin" else ""),
                         ),
                     )
                 )
