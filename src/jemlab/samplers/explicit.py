@@ -345,7 +345,7 @@ class ExplicitGradient:
                 else:
                     pre = saved.pop()
                     into = None
-                    if i > 0 and self.steps[i - 1][0] == "conv" and pre.dim() == 4:
+                    if i > 0 and self.steps[i - 1][0] == "conv" and type(item) in _ACT_BACKWARD_INTO:
                         into = self.steps[i - 1][1].padded_input(self._buffers, tuple(pre.shape), pre)
                     if into is not None:
                         g = _ACT_BACKWARD_INTO[type(item)](g, pre, item, into[1])
