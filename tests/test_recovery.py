@@ -400,3 +400,46 @@ def test_source_never_unpickles_untrusted_files():
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
         if path.name != "safe_pickle.py":
             assert not unpickling.search(text), f"{path}: {unpickling.search(text).group(0)}"
+
+
+def test_gap_drift_warning_fires_once_per_doubling_and_not_on_healthy_gaps():
+    from jemlab.training.recovery import GapDriftMonitor
+
+    # logged gaps of real runs: a healthy default-preset run, the 60-minute default run whose replay buffer
+    # collapsed between minutes 22 and 27 (every 2,500 steps), and the MLP preset's first minute (short-run chains
+    # from noise: a large gap at the start that closes)
+    healthy = [0.08, 0.11, 0.10, 0.09, 0.13, 0.11, 0.14, 0.27]
+    collapsing = [0.08, 0.11, 0.10, 0.09, 0.13, -11.81, -19.77, -21.92, -24.24, -25.26, -25.2, -25.12]
+    mlp_start = [-5.517, -5.517, -2.138, -1.095, -0.484, -0.138]
+
+    def warnings(gaps, level=5.0):
+        monitor = GapDriftMonitor(level)
+        return [i for i, cd in enumerate(gaps) if monitor.check(cd) is not None]
+
+    assert warnings(healthy) == [] and warnings(mlp_start) == []
+    assert warnings(collapsing) == [5, 8]  # |gap| 11.8 > 5, then 24.2 > 2 × 11.8; never again below 48.5
+    assert warnings([*mlp_start, -6.0]) == [6]  # armed once the gap closed: opening again is a drift
+    assert warnings(collapsing, level=0) == []  # 0: off
+    assert warnings([0.1, float("nan"), 0.1]) == []
+    monitor = GapDriftMonitor(5.0)
+    monitor.check(0.1)
+    message = monitor.check(-11.81)
+    assert "energy gap is -11.8" in message and "recovery.gap_warning" in message
+
+
+def test_gap_drift_warning_reaches_the_log_and_metrics(tmp_path, tiny_config_overrides, monkeypatch):
+    from jemlab.training.recovery import GapDriftMonitor
+
+    class Armed(GapDriftMonitor):  # as if the gap had been below the level before: any logged gap above it warns
+        def __init__(self, level: float) -> None:
+            super().__init__(level)
+            self.armed = True
+
+    monkeypatch.setattr(loop, "GapDriftMonitor", Armed)
+    config = build_config("default", [*tiny_config_overrides, ("recovery.gap_warning", 1e-9)])
+    Trainer(config, tmp_path / "run").fit()
+    warnings = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "warning"]
+    assert warnings and warnings[0]["reason"] == "energy_gap_drift" and "step" in warnings[0]
+    assert "energy gap" in (tmp_path / "run" / "train.log").read_text()
+    with pytest.raises(ConfigError, match=r"recovery\.gap_warning must be >= 0"):
+        build_config("default", [("recovery.gap_warning", -1)])

@@ -138,6 +138,10 @@ class RecoveryConfig:
     # Classifier collapse: after the classifier has learned something, `classifier_patience` iterations in a row at
     # chance level (cross-entropy ~ log C, accuracy ~ 1/C) count as a divergence; 0 turns the check off.
     classifier_patience: int = 20
+    # Slow drift of the data-sample energy gap, a warning only (no rollback): a logged |E(x_data) − E(x_model)|
+    # above this is reported in the log and metrics.jsonl, again each time it doubles; 0 turns it off. Healthy
+    # default/jempp runs stay below 0.3; two runs whose replay buffer collapsed reached 22–25 (docs/reliability.md).
+    gap_warning: float = 5.0
 
 
 @dataclass
@@ -632,6 +636,7 @@ def _validate_recovery(r: RecoveryConfig) -> None:
     _check(r.warmup_steps >= 0, f"recovery.warmup_steps must be >= 0, got {r.warmup_steps}")
     _check(r.collapse_patience >= 1, f"recovery.collapse_patience must be >= 1, got {r.collapse_patience}")
     _check(r.classifier_patience >= 0, f"recovery.classifier_patience must be >= 0, got {r.classifier_patience}")
+    _check(r.gap_warning >= 0, f"recovery.gap_warning must be >= 0 (0 turns the warning off), got {r.gap_warning}")
 
 
 def _validate_egc(config: Config) -> None:

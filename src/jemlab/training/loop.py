@@ -39,7 +39,14 @@ from jemlab.training.checkpoint import (
 )
 from jemlab.training.distributed_state import checkpoint_state, local_state
 from jemlab.training.logging import MetricsWriter, progress_bar, setup_logger
-from jemlab.training.recovery import DivergenceDetected, Recovery, StopRequest, gradient_norm, trim_metrics
+from jemlab.training.recovery import (
+    DivergenceDetected,
+    GapDriftMonitor,
+    Recovery,
+    StopRequest,
+    gradient_norm,
+    trim_metrics,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -521,6 +528,7 @@ class Trainer:
         failure: str | None = None
         self.recovery.take_snapshot(self, force=True)  # the healthy state to roll back to until the next snapshot
         bar = progress_bar(total_steps, t.progress, initial=self.step)
+        gap_monitor = GapDriftMonitor(cfg.recovery.gap_warning)  # slow drift of the energy gap: a warning only
         try:
             while self.step < total_steps:
                 # Batch (the batcher rolls over to a new epoch by itself).
@@ -569,6 +577,12 @@ class Trainer:
                     emit(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
                     log.info(_format_record(record))
+                    if "cd" in record:  # a slowly opening energy gap: warn, do not roll back (recovery.gap_warning)
+                        warning = gap_monitor.check(record["cd"])
+                        if warning is not None:
+                            log.warning(f"step {self.step}: {warning}")
+                            emit({"step": self.step, "event": "warning", "reason": "energy_gap_drift",
+                                  "cd": record["cd"], "message": warning, "elapsed_s": self.elapsed})  # fmt: skip
                     window, window_count, window_start = {}, 0, now
 
                 # End of epoch: validate, samples, checkpoint (every checkpoint is also a healthy snapshot).
