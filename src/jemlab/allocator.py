@@ -6,7 +6,7 @@ to the kernel on ``free``, or the top of the heap is trimmed after each step; ei
 fresh pages and the kernel zero-fills them, one minor page fault per 4 KiB. glibc raises its mmap threshold on its
 own after some frees (its "dynamic threshold"), so whether a loop faults depends on what else the process did
 before: on the 2-core development machine the eager SGLD reference loop took 1,400–2,100 minor faults per step and
-6–9 ms in processes that had not run a thread pool, 0 faults and 3–4.7 ms in ones that had
+6–9 ms in some benchmark processes, 0 faults and 3–4.7 ms in others, depending on which modes had run first
 (docs/sampling.md, "Allocator").
 
 `tune_allocator` fixes both thresholds with glibc's ``mallopt``: blocks below `mmap_threshold` come from the heap,
