@@ -1,6 +1,8 @@
-"""Run `jemlab eval --all` on a checkpoint, time it, and record its metrics as a benchmark result.
+"""Run `jemlab eval --all` (or `--parts`) on a checkpoint, time it, and record its metrics as a benchmark result.
 
     python -m benchmarks.record_eval --checkpoint runs/fashion-mnist --name fashion-mnist
+    python -m benchmarks.record_eval --checkpoint runs/fashion-mnist --name jem-margin --parts robustness -- \
+        --pgd-loss margin
 
 The report goes to ``<checkpoint>/report`` (or ``--report``); the JSON record (command, wall-clock seconds, the
 report's metrics.json) to ``benchmarks/results/eval-<name>-<time>.json``.
@@ -24,12 +26,13 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--name", required=True, help="record name, e.g. fashion-mnist-softmax")
     parser.add_argument("--report", help="report folder (default: CHECKPOINT/report)")
+    parser.add_argument("--parts", help="only these parts, comma-separated (default: --all)")
     parser.add_argument("extra", nargs="*", help="further `jemlab eval` flags (after --)")
     args = parser.parse_args()
     report = Path(args.report or Path(args.checkpoint) / "report")
     command = [
-        sys.executable, "-m", "jemlab", "eval", "--checkpoint", args.checkpoint, "--all", "--report", str(report),
-        *args.extra,
+        sys.executable, "-m", "jemlab", "eval", "--checkpoint", args.checkpoint,
+        *(["--parts", args.parts] if args.parts else ["--all"]), "--report", str(report), *args.extra,
     ]  # fmt: skip
     started = time.monotonic()
     subprocess.run(command, check=True)
