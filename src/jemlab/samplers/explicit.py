@@ -43,14 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# activation module type → its backward as one ATen call: (grad, pre-activation, module) → grad of the input
-_ACT_BACKWARD: dict[type, Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]] = {
-    nn.SiLU: lambda g, pre, m: torch.ops.aten.silu_backward(g, pre),
-    nn.LeakyReLU: lambda g, pre, m: torch.ops.aten.leaky_relu_backward(g, pre, m.negative_slope, False),
-    nn.ReLU: lambda g, pre, m: torch.ops.aten.threshold_backward(g, pre, 0.0),
-}
-# the same, writing into `out` (the interior of the next convolution's zero-padded input: no separate padded copy)
-_ACT_BACKWARD_INTO: dict[type, Callable[[torch.Tensor, torch.Tensor, nn.Module, torch.Tensor], torch.Tensor]] = {
+# activation module type → its backward as one ATen call writing into `out` (a fresh tensor, or the interior of the
+# next convolution's zero-padded input): (grad, pre-activation, module, out) → out, the grad of the input
+_ACT_BACKWARD: dict[type, Callable[[torch.Tensor, torch.Tensor, nn.Module, torch.Tensor], torch.Tensor]] = {
     nn.SiLU: lambda g, pre, m, out: torch.ops.aten.silu_backward.grad_input(g, pre, grad_input=out),
     nn.LeakyReLU: lambda g, pre, m, out: torch.ops.aten.leaky_relu_backward.grad_input(
         g, pre, m.negative_slope, False, grad_input=out
@@ -173,17 +168,21 @@ class _Conv:
             )
         return F.conv2d(h, self.weight, self.bias, s, p)
 
-    def padded_input(self, local: threading.local, shape: tuple[int, ...], like: torch.Tensor):
-        """(zero-padded buffer, its interior) for this layer's backward input, or None when the padding crops.
+    @property
+    def pads_input(self) -> bool:
+        """Whether the backward zero-pads its input (rather than using it as it is, or cropping it)."""
+        before, after = self.back_pad
+        return before >= 0 and after >= 0 and (before > 0 or after > 0)
+
+    def padded_input(self, local: threading.local, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(zero-padded buffer, its interior) for this layer's backward input, shaped and laid out like `like`.
 
         The buffer is this thread's own and is kept between calls: its border stays zero and the interior is
         overwritten, so the gradient is written straight into place instead of being copied by F.pad."""
         before, after = self.back_pad
-        if before < 0 or after < 0 or not (before or after):
-            return None
         cached = local.__dict__.get(id(self))
         if cached is None:
-            n, c, h, w = shape
+            n, c, h, w = like.shape
             buffer = torch.zeros((n, c, h + before + after, w + before + after), dtype=like.dtype, device=like.device)
             if _is_nhwc(like):
                 buffer = buffer.contiguous(memory_format=torch.channels_last)
@@ -298,6 +297,12 @@ class ExplicitGradient:
         self.density = (density.weight.detach().float(), _float(density.bias)) if density is not None else None
         self.classifier = (model.classifier.weight.detach().float(), _float(model.classifier.bias))
         self._buffers = threading.local()  # per-thread padded gradient buffers (see _Conv.padded_input)
+        # activation step index → the convolution before it, when its backward writes into that one's padded input
+        self._pad_into = {
+            i: self.steps[i - 1][1]
+            for i, (kind, _) in enumerate(self.steps)
+            if kind == "act" and i > 0 and self.steps[i - 1][0] == "conv" and self.steps[i - 1][1].pads_input
+        }
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(E(x) as fp32 (N,), ∇ₓE(x) as fp32 in x's layout); with labels, the joint energy E(x, y) = −f(x)[y]."""
@@ -344,14 +349,13 @@ class ExplicitGradient:
                     g = g.reshape(item).contiguous(memory_format=fmt) if len(item) == 4 else g.reshape(item)
                 else:
                     pre = saved.pop()
-                    into = None
-                    if i > 0 and self.steps[i - 1][0] == "conv" and type(item) in _ACT_BACKWARD_INTO:
-                        into = self.steps[i - 1][1].padded_input(self._buffers, tuple(pre.shape), pre)
-                    if into is not None:
-                        g = _ACT_BACKWARD_INTO[type(item)](g, pre, item, into[1])
-                        g, padded = into[0], True
+                    conv = self._pad_into.get(i)
+                    if conv is not None:
+                        buffer, interior = conv.padded_input(self._buffers, pre)
+                        _ACT_BACKWARD[type(item)](g, pre, item, interior)
+                        g, padded = buffer, True
                     else:
-                        g = _ACT_BACKWARD[type(item)](g, pre, item)
+                        g = _ACT_BACKWARD[type(item)](g, pre, item, torch.empty_like(pre))
             grad = g.to(torch.float32).reshape(x.shape)
             if x.dim() == 4 and _is_nhwc(x):
                 return energy, grad.contiguous(memory_format=torch.channels_last)
