@@ -30,7 +30,7 @@ from jemlab.data import DatasetSplits, load_dataset
 from jemlab.data.locate import cache_root
 from jemlab.errors import JemlabError
 from jemlab.evaluation.feature_net import FeatureNet, load_feature_net, save_feature_net, train_feature_net
-from jemlab.evaluation.robustness import langevin_defence
+from jemlab.evaluation.robustness import LOSS_NAMES, langevin_defence
 from jemlab.evaluation.suite import SampleFn, SuiteOptions, run_suite
 from jemlab.generate import generate
 from jemlab.run import LoadedRun
@@ -374,9 +374,7 @@ def _protocol_entries(
         }
     if "robustness" in metrics:
         metrics["robustness"]["protocol"] = {
-            "attack": "PGD (Madry et al., 2018) on the "
-            + ("cross-entropy" if opts.pgd_loss == "ce" else "logit margin (Carlini & Wagner, 2017)")
-            + ", best iterate kept",
+            "attack": f"PGD (Madry et al., 2018) on the {LOSS_NAMES[opts.pgd_loss]}, best iterate kept",
             "loss": opts.pgd_loss,
             "n_images": opts.pgd_n,
             "steps": opts.pgd_steps,

@@ -48,6 +48,9 @@ _LOW, _HIGH = -1.0, 1.0
 
 LogitsFn = Callable[[Tensor], Tensor]
 
+#: The losses PGD can ascend, with the names reports use for them.
+LOSS_NAMES = {"ce": "cross-entropy", "margin": "logit margin"}
+
 
 def _per_example_loss(logits: Tensor, y: Tensor, loss: str, targets: Tensor | None) -> Tensor:
     """Loss to *maximise*, one value per example."""
@@ -62,7 +65,7 @@ def _per_example_loss(logits: Tensor, y: Tensor, loss: str, targets: Tensor | No
         other = logits.clone()
         other.scatter_(1, y[:, None], float("-inf"))
         return other.max(dim=1).values - f_y
-    raise JemlabError(f"unknown attack loss {loss!r}; choose 'ce' or 'margin'")
+    raise JemlabError(f"unknown attack loss {loss!r}; choose from {', '.join(LOSS_NAMES)}")
 
 
 def _flat_norm(t: Tensor) -> Tensor:

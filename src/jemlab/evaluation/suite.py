@@ -131,8 +131,8 @@ class SuiteOptions:
         bad = set(self.ood_scores) - known
         if bad:
             raise JemlabError(f"unknown OOD scores {sorted(bad)}; choose from {sorted(known)}")
-        if self.pgd_loss not in ("ce", "margin"):
-            raise JemlabError(f"pgd_loss must be 'ce' or 'margin', got {self.pgd_loss!r}")
+        if self.pgd_loss not in rob.LOSS_NAMES:
+            raise JemlabError(f"pgd_loss must be one of {', '.join(rob.LOSS_NAMES)}, got {self.pgd_loss!r}")
         if set(self.pgd_norms) - {"linf", "l2"}:
             raise JemlabError(f"pgd_norms must be 'linf' and/or 'l2', got {list(self.pgd_norms)}")
         for name in ("n_test", "n_ood", "batch_size", "pgd_steps", "pgd_restarts", "sample_batch", "ood_fit_n"):
@@ -486,14 +486,13 @@ def run_suite(
                         rob.plot_robustness_curves(
                             curves,
                             fig_dir / f"robustness_{norm}.png",
-                            title=f"PGD-{opts.pgd_steps} {norm}"
-                            + (", logit-margin loss" if opts.pgd_loss == "margin" else ""),
+                            title=f"PGD-{opts.pgd_steps} {norm}, {rob.LOSS_NAMES[opts.pgd_loss]} loss",
                         ),
                     )
                 )
             metrics["robustness"] = rob_metrics
             notes.append(
-                f"PGD on the {'cross-entropy' if opts.pgd_loss == 'ce' else 'logit margin'}: {len(x_r)} test "
+                f"PGD on the {rob.LOSS_NAMES[opts.pgd_loss]}: {len(x_r)} test "
                 f"images, {opts.pgd_steps} steps, step 2.5*eps/steps, "
                 f"{opts.pgd_restarts} random restart(s); eps in [0, 1] pixel units (x2 in our "
                 "[-1, 1] "
