@@ -19,7 +19,7 @@ eager step: forward and input-gradient backward) / median time, also as a fracti
 parameters set to ``requires_grad=False``, ``x.requires_grad = True``, ``.backward()`` into ``x.grad``, in-place
 updates on ``x.data``, fp32, NCHW.
 (b) jemlab's ``run_chains`` with each sampler mode (``impl``, ``precision``, channels-last, ``compile``, and
-``gradient``: autograd, or the hand-written backward of ``jemlab.samplers.explicit``).
+``gradient``: autograd, or the hand-written backward of ``jemlab.accel.explicit``).
 
 With ``--train`` it also times full training iterations (negatives + loss + backward + Adam) of the course preset
 against an eager re-implementation of the course code's training iteration, interleaved the same way; with
@@ -57,7 +57,7 @@ class Mode:
     channels_last: bool = False
     compile: bool = False
     chain_groups: int = 1  # 0 = one group per torch thread
-    gradient: str = "autograd"  # autograd, or explicit (samplers/explicit.py: hand-written backward, no autograd)
+    gradient: str = "autograd"  # autograd, or explicit (accel/explicit.py: hand-written backward, no autograd)
 
 
 MODES = {

@@ -8,6 +8,17 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_hardware_findings():
+    """Each test sees the probe as its own JEMLAB_PROBE sets it, and no fallback left over from another test."""
+    from jemlab.accel import reset_probes
+    from jemlab.accel.choices import reset_fallbacks
+
+    yield
+    reset_probes()
+    reset_fallbacks()
+
+
 @pytest.fixture()
 def tiny_idx_dir(tmp_path):
     """A small class-structured fake Fashion-MNIST in IDX format (600 train, 100 test images)."""

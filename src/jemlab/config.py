@@ -54,13 +54,15 @@ class SamplerConfig:
     init_rank: int = 32  # gaussian init with lowrank covariance: principal directions kept per class
     init_max_per_class: int | None = None  # gaussian init: fit on at most this many images per class
     batch_size: int | None = None  # negatives per iteration; None = the training batch size
-    precision: str = "fp32"  # fp32, bf16 (CPU/GPU) or fp16 (GPU): dtype of the energy-gradient evaluation
+    # dtype of the chains' network evaluation: auto (bf16 where the device runs it natively, i.e. a CPU with
+    # AVX512_BF16/AMX or a bf16-capable GPU; fp32 elsewhere: jemlab.accel.choices), fp32, bf16, or fp16 (GPU)
+    precision: str = "auto"
     impl: str = "reference"  # reference (the plain sgld function) or fast (samplers/fast.py: same math, faster)
     chain_groups: int = 1  # impl=fast on CPU: step this many groups of chains concurrently, one thread each; 0 = one
     # per torch thread. Needs per-sample energies (no BatchNorm in training mode).
     compile: bool = False  # impl=fast: torch.compile the energy-gradient step (falls back to eager if it fails)
     cuda_graph: bool = False  # impl=fast on a GPU: replay the step as a CUDA graph (no per-step launch overhead)
-    # impl=fast: how ∇ₓE is computed. auto = the hand-written backward of samplers/explicit.py where the model
+    # impl=fast: how ∇ₓE is computed. auto = the hand-written backward of accel/explicit.py where the model
     # allows it (plain layer sequences on a CPU; not with compile/cuda_graph), else autograd; explicit = insist.
     gradient: str = "auto"
     pyld_steps: int = 0  # JEM++ PYLD: first-layer-only inner steps after each full SGLD step (0 = plain SGLD)
@@ -110,7 +112,9 @@ class TrainConfig:
     max_abs_energy: float = 1e5  # divergence beyond this |energy| (recovery.* says what happens then)
     tensorboard: bool = True  # write TensorBoard events when the tensorboard package is installed
     progress: bool = True  # progress bar on a terminal
-    precision: str = "fp32"  # training loss forward/backward: fp32, bf16 (autocast) or fp16 (autocast + GradScaler)
+    # training loss forward/backward: auto (bf16 autocast on a bf16-capable GPU, fp32 on a CPU), fp32, bf16
+    # (autocast) or fp16 (GPU: autocast + GradScaler)
+    precision: str = "auto"
 
 
 @dataclass
@@ -161,7 +165,7 @@ class EGCConfig:
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic, 1 = DDPM-like)
     guidance: float = 1.0  # scale of the model's own classifier gradient for class-conditional samples
     clip_x0: bool = True  # clip the predicted clean image to [−1, 1] at each sampler step
-    precision: str = "fp32"  # fp32 or bf16 (autocast of the training forward passes)
+    precision: str = "auto"  # auto (as train.precision), fp32 or bf16: autocast of the training forward passes
 
 
 @dataclass
@@ -198,7 +202,8 @@ _CPU_CNN: dict[str, Any] = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tuned for Fashion-MNIST/MNIST on a 2-core CPU (runs and numbers in docs/tuning.md): a small Swish CNN;
-    # persistent SGLD with the paper's K = 20, α = 1, σ = 0.01, evaluated in bfloat16 with an NHWC layout; chains
+    # persistent SGLD with the paper's K = 20, α = 1, σ = 0.01, evaluated in an NHWC layout (and in bfloat16 where
+    # the CPU runs it natively: sampler.precision=auto); chains
     # (re)started from per-class diagonal Gaussians of the training data (JEM++'s informative initialisation:
     # from uniform noise, restarted chains stop reaching the data after ~6 epochs and the buffer fills with
     # noise); a 5,000-image buffer so that chains mature within minutes; 128 data images and 64 chains per
@@ -209,7 +214,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampler.init": "gaussian",
         "sampler.buffer_size": 5000,
         "sampler.batch_size": 64,
-        "sampler.precision": "bf16",
         "sampler.impl": "fast",  # same chain as the reference sampler; explicit input gradient (docs/sampling.md)
         "objective.px": 0.3,
         "objective.energy_l2": 0.01,
@@ -231,11 +235,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampler.noise_first": True,
         "sampler.buffer_size": 8192,
         "sampler.buffer_mode": "queue",
-        # The same chain, executed faster (docs/sampling.md): bf16 network, NHWC layout, the hand-written input
-        # gradient of samplers/explicit.py (chain groups where it does not apply). Set sampler.impl=reference
-        # sampler.precision=fp32 train.channels_last=false for the original.
+        # The same chain, executed faster (docs/sampling.md): NHWC layout, bf16 where native (precision auto),
+        # the hand-written input gradient of accel/explicit.py (chain groups where it does not apply). Set
+        # sampler.impl=reference sampler.precision=fp32 train.channels_last=false for the original.
         "sampler.impl": "fast",
-        "sampler.precision": "bf16",
         "sampler.chain_groups": 0,
         "train.channels_last": True,
         "objective.energy_l2": 0.1,
@@ -294,7 +297,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampler.init_covariance": "full",
         "sampler.buffer_size": 5000,
         "sampler.batch_size": 64,
-        "sampler.precision": "bf16",
         "sampler.impl": "fast",
         "sampler.chain_groups": 0,
         "objective.px": 0.3,
@@ -657,7 +659,7 @@ def _validate_egc(config: Config) -> None:
     )
     _check(0 <= e.eta <= 1, f"egc.eta must be in [0, 1], got {e.eta}")
     _check(e.guidance >= 0, f"egc.guidance must be >= 0, got {e.guidance}")
-    _check(e.precision in ("fp32", "bf16"), f"egc.precision must be fp32 or bf16, got '{e.precision}'")
+    _check(e.precision in ("auto", "fp32", "bf16"), f"egc.precision must be auto, fp32 or bf16, got '{e.precision}'")
     if o.name == "egc":
         _check(
             config.model.name == "egc_unet",
@@ -710,8 +712,8 @@ def validate_config(config: Config) -> None:
         f"sampler.batch_size must be >= 1, got {s.batch_size}",
     )
     _check(
-        s.precision in ("fp32", "bf16", "fp16"),
-        f"sampler.precision must be fp32, bf16 or fp16, got '{s.precision}'",
+        s.precision in ("auto", "fp32", "bf16", "fp16"),
+        f"sampler.precision must be auto, fp32, bf16 or fp16, got '{s.precision}'",
     )
     _check(
         s.init in ("uniform", "gaussian"),
@@ -795,8 +797,8 @@ def validate_config(config: Config) -> None:
     _check(t.checkpoint_minutes > 0, f"train.checkpoint_minutes must be > 0, got {t.checkpoint_minutes}")
     _check(t.max_abs_energy > 0, f"train.max_abs_energy must be > 0, got {t.max_abs_energy}")
     _check(
-        t.precision in ("fp32", "bf16", "fp16"),
-        f"train.precision must be fp32, bf16 or fp16 (fp16 needs a GPU), got '{t.precision}'",
+        t.precision in ("auto", "fp32", "bf16", "fp16"),
+        f"train.precision must be auto, fp32, bf16 or fp16 (fp16 needs a GPU), got '{t.precision}'",
     )
     _validate_recovery(config.recovery)
     _validate_egc(config)

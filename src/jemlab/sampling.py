@@ -12,12 +12,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from jemlab.accel import AUTOCAST_DTYPES, choose_precision, input_gradient
 from jemlab.config import SamplerConfig
-from jemlab.errors import ConfigError
 from jemlab.models import EnergyModel
 from jemlab.samplers import SGLDStats, sgld
-from jemlab.samplers.explicit import explicit_gradient, explicit_support
-from jemlab.samplers.fast import GradientFn, fast_sgld
+from jemlab.samplers.fast import fast_sgld
 from jemlab.samplers.pyld import pyld, split_first_layer
 
 
@@ -71,7 +70,8 @@ def run_chains(
 
     if channels_last and x_init.dim() == 4:
         x_init = x_init.contiguous(memory_format=torch.channels_last)
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    # sampler.precision=auto: bf16 where this device runs it natively, else fp32 (jemlab.accel.choices)
+    autocast = AUTOCAST_DTYPES[choose_precision(cfg.precision, x_init.device, "sampler.precision").value]
     settings = {
         "steps": cfg.steps if steps is None else steps,
         "step_size": cfg.step_size if step_size is None else step_size,
@@ -93,7 +93,8 @@ def run_chains(
                 **settings,
             )
         if cfg.impl == "fast":
-            gradient_fn = _gradient_fn(model, x_init, cfg, autocast, labels)
+            traced = cfg.compile or cfg.cuda_graph
+            gradient_fn = input_gradient(model, x_init, cfg.gradient, autocast, energy_fn, labels, traced)
             return fast_sgld(
                 energy_fn,
                 x_init,
@@ -107,22 +108,3 @@ def run_chains(
             )
         return sgld(energy_fn, x_init, noise_first=cfg.noise_first, **settings)
 
-
-def _gradient_fn(
-    model: nn.Module,
-    x_init: torch.Tensor,
-    cfg: SamplerConfig,
-    autocast: torch.dtype | None,
-    labels: torch.Tensor | None,
-) -> GradientFn | None:
-    """The explicit gradient for this chain when ``sampler.gradient`` asks for it (or allows it: auto), else None."""
-    if cfg.gradient == "autograd" or cfg.compile or cfg.cuda_graph or autocast == torch.float16:
-        return None
-    reason = explicit_support(model, x_init.device)
-    if reason is not None:
-        if cfg.gradient == "explicit":
-            raise ConfigError(f"sampler.gradient=explicit cannot run this model: {reason}; use sampler.gradient=auto")
-        return None
-    nhwc = x_init.dim() == 4 and x_init.is_contiguous(memory_format=torch.channels_last) and not x_init.is_contiguous()
-    plan = explicit_gradient(model, tuple(x_init.shape), autocast or torch.float32, nhwc)
-    return lambda x: plan(x, labels)

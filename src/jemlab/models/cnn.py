@@ -36,7 +36,7 @@ class CourseCNN(nn.Module):
         return self.net(x)  # (N, feature_dim)
 
     def sequential_layers(self) -> list[nn.Module]:
-        """The layers that `forward` applies one after another (for `jemlab.samplers.explicit`)."""
+        """The layers that `forward` applies one after another (for `jemlab.accel.explicit`)."""
         return list(self.net)
 
 
@@ -78,5 +78,5 @@ class SmallCNN(nn.Module):
         return self.head(self.conv(x))  # (N, features)
 
     def sequential_layers(self) -> list[nn.Module]:
-        """The layers that `forward` applies one after another (for `jemlab.samplers.explicit`)."""
+        """The layers that `forward` applies one after another (for `jemlab.accel.explicit`)."""
         return [*self.conv, *self.head]

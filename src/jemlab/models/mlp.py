@@ -31,5 +31,5 @@ class MLP(nn.Module):
         return self.net(x)  # (N, hidden[-1])
 
     def sequential_layers(self) -> list[nn.Module]:
-        """The layers that `forward` applies one after another (for `jemlab.samplers.explicit`)."""
+        """The layers that `forward` applies one after another (for `jemlab.accel.explicit`)."""
         return list(self.net)

@@ -19,7 +19,7 @@ checks it). What changes is how each step is executed:
   If compilation fails (no C++ compiler, an unsupported op), the eager step is used and `compile_status()` says why.
 - **Explicit gradients** (``gradient_fn``, chosen by `jemlab.sampling.run_chains` with ``sampler.gradient``): for
   plain layer sequences on a CPU, ∇ₓE is computed by a hand-written backward pass with pre-packed oneDNN weights
-  and strided transposed convolutions rewritten as stride-1 ones (`jemlab.samplers.explicit`); no autograd.
+  and strided transposed convolutions rewritten as stride-1 ones (`jemlab.accel.explicit`); no autograd.
 - **CUDA graphs** (``cuda_graph=True`` on a GPU): one step is captured once per (energy, shape) and replayed, which
   removes the kernel-launch overhead that dominates small networks on a GPU (`jemlab.samplers.cuda_graph`).
 
@@ -43,7 +43,7 @@ from jemlab.samplers.sgld import EnergyFn, SGLDStats
 
 log = logging.getLogger(__name__)
 
-# x ↦ (E(x), ∇ₓE(x)) computed without autograd (samplers/explicit.py)
+# x ↦ (E(x), ∇ₓE(x)) computed without autograd (accel/explicit.py)
 GradientFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -74,7 +74,7 @@ def _eager_step(
         x.add_(noise, alpha=s.noise)
         if s.bounds is not None:
             x.clamp_(*s.bounds)
-    if gradient_fn is not None:  # the explicit gradient (samplers/explicit.py): no autograd at all
+    if gradient_fn is not None:  # the explicit gradient (accel/explicit.py): no autograd at all
         e, grad = gradient_fn(x)
     else:
         x.requires_grad_(True)
@@ -319,7 +319,7 @@ def fast_sgld(
         compile: compile the whole step with torch.compile (falls back to eager, once, with a logged reason).
             Used only with a single group.
         cuda_graph: on a CUDA device, capture the step in a CUDA graph and replay it.
-        gradient_fn: x ↦ (E(x), ∇ₓE(x)) without autograd (`jemlab.samplers.explicit`); when given, it replaces
+        gradient_fn: x ↦ (E(x), ∇ₓE(x)) without autograd (`jemlab.accel.explicit`); when given, it replaces
             autograd, chain groups and compilation (it already evaluates the network at `autocast_dtype`).
 
     Returns:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from jemlab.accel import AUTOCAST_DTYPES, choose_precision
 from jemlab.config import Config
 from jemlab.diffusion.egc import schedule_from_config
 from jemlab.objectives import EGCWeights, egc_loss
@@ -36,7 +37,8 @@ class EGCTraining:
         self.weights = EGCWeights(
             gamma=e.gamma, gamma_clean=e.gamma_clean, label_smoothing=e.label_smoothing, label_dropout=e.label_dropout
         )
-        self.autocast_dtype = torch.bfloat16 if e.precision == "bf16" else None
+        device = next(model.parameters()).device
+        self.autocast_dtype = AUTOCAST_DTYPES[choose_precision(e.precision, device, "egc.precision").value]
         self.ema = EMA(model, e.ema, warmup=e.ema_warmup)
 
     def train_step(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:

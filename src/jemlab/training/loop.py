@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from jemlab import distributed
+from jemlab.accel import AUTOCAST_DTYPES, Choice
 from jemlab.allocator import allocator_status
 from jemlab.config import Config, validate_config
 from jemlab.data import ArrayDataset, DatasetSplits, load_dataset
@@ -37,6 +38,7 @@ from jemlab.training.checkpoint import (
     resolve_checkpoint,
     save_run_checkpoint,
 )
+from jemlab.training.choices import hardware_record, header_lines, run_choices
 from jemlab.training.distributed_state import checkpoint_state, local_state
 from jemlab.training.logging import MetricsWriter, progress_bar, setup_logger
 from jemlab.training.recovery import (
@@ -166,7 +168,10 @@ class Trainer:
         # The training loss runs through DDP with several processes (one gradient all-reduce per step); sampling,
         # evaluation and samples use self.model directly.
         self.loss_model = distributed.wrap_for_loss(self.model, self.dist)
-        self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
+        # Precision and SGLD gradient path as this device allows (jemlab.accel): resolved once, logged with reasons.
+        self.choices = run_choices(config, self.model, self.device)
+        self.precision = self.choices.get("train.precision", Choice("fp32", "EGC runs use egc.precision")).value
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         if self.dist.active:
             torch.manual_seed(self.dist.seed(t.seed))  # per-rank global random stream after the shared init
         self.weights = JEMWeights(
@@ -403,7 +408,7 @@ class Trainer:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for the training loss (train.precision): autocast to bf16 or fp16, or nothing."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.precision)
+        dtype = AUTOCAST_DTYPES[self.precision]
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
@@ -519,6 +524,8 @@ class Trainer:
             f"train={len(self.splits.train)} val={len(self.splits.val)} steps/epoch={steps_per_epoch} "
             f"budget={'none' if budget is None else f'{t.minutes:g} min'} run_dir={self.run_dir}"
         )
+        for line in header_lines(self.choices, self.device):
+            log.info(line)
 
         started = time.monotonic() - self.elapsed
         last_ckpt = time.monotonic()
@@ -649,6 +656,7 @@ class Trainer:
             "git_sha": git_sha(),
             "torch_version": torch.__version__,
             "malloc": "tuned" if allocator_status()["tuned"] else "default",
+            "hardware": hardware_record(self.choices, self.device),
         }
         if failure is not None:
             final["error"] = failure

@@ -25,9 +25,14 @@ Running that program directly, instead of through autograd, lets each piece take
   of a padded buffer that the plan keeps (one per thread) instead of being copied by ``F.pad`` (2–7 % of a course
   CNN step here).
 
+The packed convolutions and fused activation backwards are private torch operators (`jemlab.accel.private_ops`):
+each is used only where the device probe (`jemlab.accel.probe`) found it working, in this dtype, on this machine;
+otherwise the plan uses ``F.conv2d`` and the activations' derivatives written with public operators. On a CPU
+without AVX-512, for example, oneDNN cannot pack bf16 weights, and a forced bf16 plan runs unpacked.
+
 The plan is an optimisation, not a different model: `ExplicitGradient` returns the energies and input gradients
 autograd returns, up to floating-point rounding. `explicit_support` names the reason for any network it does not
-understand; `jemlab.sampling.run_chains` then uses autograd as before.
+understand; `jemlab.accel.gradient` then uses autograd.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -43,24 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# activation module type → its backward as one ATen call writing into `out` (a fresh tensor, or the interior of the
-# next convolution's zero-padded input): (grad, pre-activation, module, out) → out, the grad of the input
-_ACT_BACKWARD: dict[type, Callable[[torch.Tensor, torch.Tensor, nn.Module, torch.Tensor], torch.Tensor]] = {
-    nn.SiLU: lambda g, pre, m, out: torch.ops.aten.silu_backward.grad_input(g, pre, grad_input=out),
-    nn.LeakyReLU: lambda g, pre, m, out: torch.ops.aten.leaky_relu_backward.grad_input(
-        g, pre, m.negative_slope, False, grad_input=out
-    ),
-    nn.ReLU: lambda g, pre, m, out: torch.ops.aten.threshold_backward.grad_input(g, pre, 0.0, grad_input=out),
-}
+from jemlab.accel import private_ops
+from jemlab.accel.probe import probe
 
-
-def _mkldnn_ok(device: torch.device) -> bool:
-    return (
-        device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-        and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
-    )
+# activation module type → its name in `private_ops.ACTIVATION_BACKWARD` (grad, pre-activation, slope, out) → out
+_ACTIVATIONS: dict[type, str] = {nn.SiLU: "silu", nn.LeakyReLU: "leaky_relu", nn.ReLU: "relu"}
 
 
 # --- the sub-pixel identity ---------------------------------------------------------------------------------------
@@ -161,12 +152,9 @@ class _Conv:
     packed: bool
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        p, s = self.padding, self.stride
         if self.packed:
-            return torch.ops.mkldnn._convolution_pointwise(
-                h, self.weight, self.bias, [p, p], [s, s], [1, 1], 1, "none", [], ""
-            )
-        return F.conv2d(h, self.weight, self.bias, s, p)
+            return private_ops.packed_conv2d(h, self.weight, self.bias, self.padding, self.stride)
+        return F.conv2d(h, self.weight, self.bias, self.stride, self.padding)
 
     @property
     def pads_input(self) -> bool:
@@ -195,10 +183,7 @@ class _Conv:
         before, after = self.back_pad
         if (before or after) and not padded:
             g = F.pad(g, (before, after, before, after))
-        if self.packed:
-            y = torch.ops.mkldnn._convolution_pointwise(g, self.back, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
-        else:
-            y = F.conv2d(g, self.back)
+        y = private_ops.packed_conv2d(g, self.back, None, 0, 1) if self.packed else F.conv2d(g, self.back)
         out = depth_to_space(y, self.stride) if self.stride > 1 else y
         return out[..., : self.size_in, : self.size_in]
 
@@ -225,7 +210,7 @@ def _sequence(model: nn.Module) -> list[nn.Module] | str:
         elif isinstance(layer, nn.Flatten):
             if layer.start_dim != 1 or layer.end_dim != -1:
                 return "a Flatten other than Flatten(1, -1)"
-        elif not isinstance(layer, (nn.Linear, nn.Identity, *_ACT_BACKWARD)):
+        elif not isinstance(layer, (nn.Linear, nn.Identity, *_ACTIVATIONS)):
             return f"layer {type(layer).__name__} has no explicit backward here"
     return layers
 
@@ -257,7 +242,14 @@ class ExplicitGradient:
         self.dtype = dtype
         self.channels_last = channels_last and len(shape) == 4
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        packed = _mkldnn_ok(device)
+        # oneDNN packed weights where the probe found them working for this dtype; plain F.conv2d otherwise
+        found = probe(device)
+        packed = found.ok("packed_conv_bf16" if dtype == torch.bfloat16 else "packed_conv_fp32") and dtype in (
+            torch.float32,
+            torch.bfloat16,
+        )
+        fused = found.ok("activation_backward")
+        self.packed = packed
         self.steps: list[tuple[str, object]] = []
         current = tuple(shape)
         for layer in layers:
@@ -271,11 +263,9 @@ class ExplicitGradient:
                 bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
                 padded_out = size_out + before + after
                 if packed:
-                    weight = torch.ops.mkldnn._reorder_convolution_weight(
-                        weight, [p, p], [s, s], [1, 1], 1, list(current)
-                    )
-                    back = torch.ops.mkldnn._reorder_convolution_weight(
-                        back, [0, 0], [1, 1], [1, 1], 1, [current[0], layer.out_channels, padded_out, padded_out]
+                    weight = private_ops.pack_conv_weight(weight, p, s, current)
+                    back = private_ops.pack_conv_weight(
+                        back, 0, 1, (current[0], layer.out_channels, padded_out, padded_out)
                     )
                 conv = _Conv(weight, bias, s, p, back, (before, after), size_in, packed)
                 self.steps.append(("conv", conv))
@@ -291,7 +281,9 @@ class ExplicitGradient:
             elif isinstance(layer, nn.Identity):
                 continue
             else:
-                self.steps.append(("act", layer))
+                fused_fn, public_fn = private_ops.ACTIVATION_BACKWARD[_ACTIVATIONS[type(layer)]]
+                slope = float(getattr(layer, "negative_slope", 0.0))
+                self.steps.append(("act", (layer, fused_fn if fused else public_fn, slope)))
         # E(x) = −h(x) with a separate density head, else −logsumexp f(x); E(x, y) = −f(x)[y] always uses f
         density = getattr(model, "density_head", None)
         self.density = (density.weight.detach().float(), _float(density.bias)) if density is not None else None
@@ -321,7 +313,7 @@ class ExplicitGradient:
                     h = h.flatten(1)
                 else:
                     saved.append(h)
-                    h = item(h)
+                    h = item[0](h)
             features = h.float()
             if labels is not None:
                 weight, bias = self.classifier
@@ -349,13 +341,14 @@ class ExplicitGradient:
                     g = g.reshape(item).contiguous(memory_format=fmt) if len(item) == 4 else g.reshape(item)
                 else:
                     pre = saved.pop()
+                    _, backward, slope = item
                     conv = self._pad_into.get(i)
                     if conv is not None:
                         buffer, interior = conv.padded_input(self._buffers, pre)
-                        _ACT_BACKWARD[type(item)](g, pre, item, interior)
+                        backward(g, pre, slope, interior)
                         g, padded = buffer, True
                     else:
-                        g = _ACT_BACKWARD[type(item)](g, pre, item, torch.empty_like(pre))
+                        g = backward(g, pre, slope, torch.empty_like(pre))
             grad = g.to(torch.float32).reshape(x.shape)
             if x.dim() == 4 and _is_nhwc(x):
                 return energy, grad.contiguous(memory_format=torch.channels_last)
@@ -370,7 +363,11 @@ def explicit_gradient(
     model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool
 ) -> ExplicitGradient:
     """The (cached) plan for this model, shape, dtype and layout; rebuilt after any in-place parameter update."""
-    key = (tuple(shape), dtype, channels_last, tuple((id(p), p.data_ptr(), p._version) for p in model.parameters()))
+    device = next(model.parameters()).device
+    versions = private_ops.parameter_versions(model) if probe(device).ok("version_counter") else None
+    if versions is None:  # no way to tell whether the weights changed: a fresh plan every chain
+        return ExplicitGradient(model, shape, dtype, channels_last)
+    key = (tuple(shape), dtype, channels_last, versions)
     cached = _PLANS.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
