@@ -15,7 +15,7 @@ from torch import nn
 from jemlab.errors import JemlabError
 from jemlab.evaluation import calibration as cal
 from jemlab.evaluation import classification as cls
-from jemlab.evaluation import ood
+from jemlab.evaluation import ood_metrics, ood_scores, ood_sets
 from jemlab.evaluation.report import flatten_metrics, write_report
 
 # ------------------------------------------------------------------------------------ classification
@@ -145,11 +145,11 @@ def _brute_auroc(s_in, s_out):
 
 
 def test_auroc_separable_reversed_identical():
-    assert ood.auroc([3, 4, 5], [0, 1, 2]) == 1.0
-    assert ood.auroc([0, 1, 2], [3, 4, 5]) == 0.0
+    assert ood_metrics.auroc([3, 4, 5], [0, 1, 2]) == 1.0
+    assert ood_metrics.auroc([0, 1, 2], [3, 4, 5]) == 0.0
     s = np.random.default_rng(0).normal(size=50)
-    assert ood.auroc(s, s) == 0.5
-    assert ood.auroc([1, 1, 1], [1, 1]) == 0.5
+    assert ood_metrics.auroc(s, s) == 0.5
+    assert ood_metrics.auroc([1, 1, 1], [1, 1]) == 0.5
 
 
 def test_auroc_hand_example_with_ties_matches_pair_counting():
@@ -157,39 +157,39 @@ def test_auroc_hand_example_with_ties_matches_pair_counting():
     s_out = [0.4, 0.2, 0.5, 0.1]
     # Pairs won: 0.1 → tie with 0.1 (0.5); 0.4 → beats 0.2, 0.1, ties 0.4 (2.5) [x2];
     # 0.35 → beats 0.2, 0.1 (2); 0.8 → beats all (4). Total 0.5 + 5 + 2 + 4 = 11.5 of 20.
-    assert ood.auroc(s_in, s_out) == pytest.approx(11.5 / 20)
-    assert ood.auroc(s_in, s_out) == pytest.approx(_brute_auroc(s_in, s_out))
+    assert ood_metrics.auroc(s_in, s_out) == pytest.approx(11.5 / 20)
+    assert ood_metrics.auroc(s_in, s_out) == pytest.approx(_brute_auroc(s_in, s_out))
     rng = np.random.default_rng(3)
     a, b = rng.integers(0, 5, 40), rng.integers(1, 7, 30)  # many ties
-    assert ood.auroc(a, b) == pytest.approx(_brute_auroc(a, b))
+    assert ood_metrics.auroc(a, b) == pytest.approx(_brute_auroc(a, b))
 
 
 def test_rankdata_average_matches_definition():
-    r = ood.rankdata_average(np.array([10, 20, 10, 30, 20, 20]))
+    r = ood_metrics.rankdata_average(np.array([10, 20, 10, 30, 20, 20]))
     assert r.tolist() == [1.5, 4.0, 1.5, 6.0, 4.0, 4.0]
 
 
 def test_average_precision_hand_example():
     # Descending: 0.9(+) 0.8(-) 0.6(+) 0.3(-): AP = 1/2·1 + 1/2·2/3.
-    assert ood.aupr([0.9, 0.6], [0.8, 0.3]) == pytest.approx(0.5 + 1 / 3)
+    assert ood_metrics.aupr([0.9, 0.6], [0.8, 0.3]) == pytest.approx(0.5 + 1 / 3)
     # AUPR-Out: OOD positive with negated scores: -0.3(+) -0.6(-) -0.8(+) -0.9(-).
-    assert ood.aupr([0.9, 0.6], [0.8, 0.3], positive="out") == pytest.approx(0.5 + 1 / 3)
-    assert ood.aupr([3, 4], [1, 2]) == 1.0
+    assert ood_metrics.aupr([0.9, 0.6], [0.8, 0.3], positive="out") == pytest.approx(0.5 + 1 / 3)
+    assert ood_metrics.aupr([3, 4], [1, 2]) == 1.0
 
 
 def test_fpr_at_95_tpr_hand_example():
     s_in = np.arange(1, 21, dtype=float)  # 20 scores; 95% TPR keeps the top 19 → threshold 2
     s_out = [0.5, 1.5, 2.5, 3.0]
-    assert ood.fpr_at_tpr(s_in, s_out, 0.95) == 0.5
-    assert ood.fpr_at_tpr(s_in, s_out, 0.5) == 0.0  # threshold 11
-    assert ood.fpr_at_tpr(s_in, [100.0], 0.95) == 1.0
-    m = ood.ood_metrics(s_in, s_out)
+    assert ood_metrics.fpr_at_tpr(s_in, s_out, 0.95) == 0.5
+    assert ood_metrics.fpr_at_tpr(s_in, s_out, 0.5) == 0.0  # threshold 11
+    assert ood_metrics.fpr_at_tpr(s_in, [100.0], 0.95) == 1.0
+    m = ood_metrics.ood_metrics(s_in, s_out)
     assert set(m) >= {"auroc", "aupr_in", "aupr_out", "fpr95"}
 
 
 def test_nonfinite_scores_are_a_user_error():
     with pytest.raises(JemlabError, match="non-finite"):
-        ood.auroc([1.0, float("nan")], [0.0])
+        ood_metrics.auroc([1.0, float("nan")], [0.0])
 
 
 # ------------------------------------------------------------------------------------ OOD scores
@@ -216,10 +216,10 @@ def test_log_px_equals_energy_score_for_logsumexp_model_only():
     torch.manual_seed(0)
     x = torch.rand(6, 1, 2, 2) * 2 - 1
     m = _LinearJEM(4, 3)
-    torch.testing.assert_close(ood.score_log_px(m, x), ood.score_energy(m, x))
+    torch.testing.assert_close(ood_scores.score_log_px(m, x), ood_scores.score_energy(m, x))
     s = _LinearJEM(4, 3, separate=True)
-    assert not torch.allclose(ood.score_log_px(s, x), ood.score_energy(s, x))
-    msp = ood.score_max_softmax(m, x)
+    assert not torch.allclose(ood_scores.score_log_px(s, x), ood_scores.score_energy(s, x))
+    msp = ood_scores.score_max_softmax(m, x)
     assert ((msp >= 1 / 3 - 1e-6) & (msp <= 1)).all()
 
 
@@ -231,12 +231,12 @@ def test_grad_norm_score_is_analytic_and_leaves_parameter_grads_alone():
     p = torch.softmax(m.logits(x), 1).detach()
     expected = -(p @ m.lin.weight.detach()).norm(dim=1)
     m.lin.bias.grad = torch.full_like(m.lin.bias, 7.0)  # pre-existing grad must survive
-    got = ood.score_grad_norm(m, x)
+    got = ood_scores.score_grad_norm(m, x)
     torch.testing.assert_close(got, expected)
     assert m.lin.weight.grad is None
     assert torch.equal(m.lin.bias.grad, torch.full_like(m.lin.bias, 7.0))
     assert not x.requires_grad
-    batched = ood.compute_scores("grad_norm", m, x, batch_size=2)
+    batched = ood_scores.compute_scores("grad_norm", m, x, batch_size=2)
     torch.testing.assert_close(batched, expected)
 
 
@@ -254,14 +254,14 @@ def test_mahalanobis_score_matches_the_closed_form():
     means = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
     x = means[y] + torch.randn(n, 2, generator=g) * torch.tensor([1.0, 2.0])
     model = _FlatFeatures(2, 2)
-    score = ood.MahalanobisScore(model, x.view(n, 1, 1, 2), y, num_classes=2)
+    score = ood_scores.MahalanobisScore(model, x.view(n, 1, 1, 2), y, num_classes=2)
     probe = torch.tensor([[2.0, 0.0], [0.0, 4.0], [-5.0, 2.0]])
     expected = -torch.tensor([0.0, 4.0 + 16.0 / 4.0, 9.0 + 4.0 / 4.0])
     torch.testing.assert_close(score(model, probe.view(3, 1, 1, 2)), expected, atol=0.15, rtol=0.03)
     far = torch.randn(500, 2, generator=g) + torch.tensor([0.0, 30.0])
     near = means[torch.arange(2).repeat(250)] + torch.randn(500, 2, generator=g) * torch.tensor([1.0, 2.0])
     s_in, s_out = score(model, near.view(-1, 1, 1, 2)), score(model, far.view(-1, 1, 1, 2))
-    assert ood.auroc(s_in, s_out) == 1.0
+    assert ood_metrics.auroc(s_in, s_out) == 1.0
 
 
 def test_fitted_scores_are_standardised_on_reference_images_and_need_every_class():
@@ -270,12 +270,12 @@ def test_fitted_scores_are_standardised_on_reference_images_and_need_every_class
     x = torch.randn(300, 1, 2, 2, generator=g)
     y = torch.arange(3).repeat(100)
     ref = torch.randn(200, 1, 2, 2, generator=g)
-    fns = ood.fit_scores(["grad_norm", "grad_norm+mahalanobis"], model, x, y, ref, num_classes=3)
+    fns = ood_scores.fit_scores(["grad_norm", "grad_norm+mahalanobis"], model, x, y, ref, num_classes=3)
     assert set(fns) == {"grad_norm+mahalanobis"}
-    summed = ood.compute_scores(fns["grad_norm+mahalanobis"], model, ref)
+    summed = ood_scores.compute_scores(fns["grad_norm+mahalanobis"], model, ref)
     assert abs(float(summed.mean())) < 1e-4  # each part has mean 0 on the reference images
     with pytest.raises(JemlabError, match="classes \\[2\\]"):
-        ood.fit_scores(["mahalanobis"], model, x[y < 2], y[y < 2], ref, num_classes=3)
+        ood_scores.fit_scores(["mahalanobis"], model, x[y < 2], y[y < 2], ref, num_classes=3)
 
 
 def test_ood_set_builders():
@@ -283,23 +283,23 @@ def test_ood_set_builders():
     n = 8
     # Image k is constant 2^k / 256, so 2·256·(x_i + x_j)/2 has two bits set iff i != j.
     x = torch.stack([torch.full((1, 3, 3), 2.0**k / 256) for k in range(n)])
-    inter = ood.interpolations(x, 200, g)
+    inter = ood_sets.interpolations(x, 200, g)
     codes = torch.round(inter[:, 0, 0, 0] * 2 * 256).long()
     assert all(bin(int(c)).count("1") == 2 for c in codes)
-    sets = ood.build_ood_sets(x, generator=g)
+    sets = ood_sets.build_ood_sets(x, generator=g)
     assert set(sets) == {"uniform", "gaussian", "interp", "vflip", "hflip", "invert"}
     for v in sets.values():
         assert v.shape == x.shape and v.min() >= -1 and v.max() <= 1
     img = torch.arange(4.0).reshape(1, 1, 2, 2)
-    assert ood.flip_vertical(img).flatten().tolist() == [2, 3, 0, 1]
-    assert ood.flip_horizontal(img).flatten().tolist() == [1, 0, 3, 2]
-    assert torch.equal(ood.invert(img), -img)
+    assert ood_sets.flip_vertical(img).flatten().tolist() == [2, 3, 0, 1]
+    assert ood_sets.flip_horizontal(img).flatten().tolist() == [1, 0, 3, 2]
+    assert torch.equal(ood_sets.invert(img), -img)
     with pytest.raises(JemlabError, match="unknown OOD set"):
-        ood.build_ood_sets(x, kinds=("nope",))
+        ood_sets.build_ood_sets(x, kinds=("nope",))
 
 
 def test_score_histogram_png(tmp_path):
-    p = ood.plot_score_histogram(np.random.randn(100), {"noise": np.random.randn(80) - 2}, tmp_path / "h.png")
+    p = ood_metrics.plot_score_histogram(np.random.randn(100), {"noise": np.random.randn(80) - 2}, tmp_path / "h.png")
     assert p.stat().st_size > 1000
 
 

@@ -28,9 +28,11 @@ from torch import Tensor, nn
 from jemlab.errors import JemlabError
 from jemlab.evaluation import calibration as cal
 from jemlab.evaluation import classification as cls
-from jemlab.evaluation import ood
 from jemlab.evaluation import robustness as rob
 from jemlab.evaluation import sample_quality as sq
+from jemlab.evaluation.ood_metrics import ood_metrics, plot_score_histogram
+from jemlab.evaluation.ood_scores import FITTED_SCORES, SCORE_FUNCTIONS, compute_scores, fit_scores, has_features
+from jemlab.evaluation.ood_sets import build_ood_sets
 from jemlab.evaluation.report import write_report
 
 __all__ = ["SampleFn", "SuiteOptions", "run_suite"]
@@ -56,8 +58,8 @@ class SuiteOptions:
         calibration_bins: Equal-width ECE bins (20 as in JEM++).
         temperature_scaling: Also fit a temperature on the validation split and report the scaled
             calibration (Guo et al., 2017); False reports the raw calibration only.
-        ood_scores: Scores from :data:`jemlab.evaluation.ood.SCORE_FUNCTIONS`.
-        synthetic_ood: Synthetic OOD sets to add (see :func:`jemlab.evaluation.ood.build_ood_sets`).
+        ood_scores: Scores from :data:`jemlab.evaluation.ood_scores.SCORE_FUNCTIONS`.
+        synthetic_ood: Synthetic OOD sets to add (see :func:`jemlab.evaluation.ood_sets.build_ood_sets`).
         pgd_n: Test examples attacked.
         pgd_norms: ``linf`` and/or ``l2``.
         pgd_eps_linf: L∞ budgets in [0, 1] pixel units (converted ×2 internally).
@@ -127,7 +129,7 @@ class SuiteOptions:
         unknown = set(self.parts) - set(_PARTS)
         if unknown:
             raise JemlabError(f"unknown suite parts {sorted(unknown)}; choose from {list(_PARTS)}")
-        known = {*ood.SCORE_FUNCTIONS, *ood.FITTED_SCORES}
+        known = {*SCORE_FUNCTIONS, *FITTED_SCORES}
         bad = set(self.ood_scores) - known
         if bad:
             raise JemlabError(f"unknown OOD scores {sorted(bad)}; choose from {sorted(known)}")
@@ -367,14 +369,14 @@ def run_suite(
                         f"{tuple(x_test.shape[1:])}; resize/convert it to the model's input shape"
                     )
                 sets[name] = xs[: opts.n_ood]
-            for name, xs in ood.build_ood_sets(x_test, n_in, gen, opts.synthetic_ood).items():
+            for name, xs in build_ood_sets(x_test, n_in, gen, opts.synthetic_ood).items():
                 sets.setdefault(name, xs)
-            ood_metrics: dict[str, Any] = {}
+            results: dict[str, Any] = {}
             score_cache: dict[str, Tensor] = {}
-            score_fns: dict[str, Any] = dict(ood.SCORE_FUNCTIONS)
+            score_fns: dict[str, Any] = dict(SCORE_FUNCTIONS)
             score_names = list(opts.ood_scores)
-            fitted = [name for name in score_names if name in ood.FITTED_SCORES]
-            if fitted and not ood.has_features(model):
+            fitted = [name for name in score_names if name in FITTED_SCORES]
+            if fitted and not has_features(model):
                 notes.append(f"OOD scores {', '.join(fitted)} skipped: the model exposes no penultimate features.")
                 score_names = [name for name in score_names if name not in fitted]
                 fitted = []
@@ -387,7 +389,7 @@ def run_suite(
                 ref_split = _split(splits, "val") or test
                 x_ref, _ = _load(ref_split, opts.n_ood, gen, opts.batch_size)
                 score_fns.update(
-                    ood.fit_scores(
+                    fit_scores(
                         fitted, model, x_fit.to(device), y_fit, x_ref.to(device), num_classes, opts.batch_size
                     )
                 )
@@ -397,19 +399,19 @@ def run_suite(
                     f"{len(x_ref)} validation images (no OOD data is used)."
                 )
             for score_name in score_names:
-                s_in = ood.compute_scores(score_fns[score_name], model, x_in.to(device), opts.batch_size)
+                s_in = compute_scores(score_fns[score_name], model, x_in.to(device), opts.batch_size)
                 score_cache[score_name] = s_in
                 per_set: dict[str, Any] = {}
                 outs: dict[str, Tensor] = {}
                 for set_name, xs in sets.items():
-                    s_out = ood.compute_scores(score_fns[score_name], model, xs.to(device), opts.batch_size)
+                    s_out = compute_scores(score_fns[score_name], model, xs.to(device), opts.batch_size)
                     outs[set_name] = s_out
-                    per_set[set_name] = ood.ood_metrics(s_in, s_out)
-                ood_metrics[score_name] = per_set
+                    per_set[set_name] = ood_metrics(s_in, s_out)
+                results[score_name] = per_set
                 figures.append(
                     (
                         f"OOD score histogram: {score_name}",
-                        ood.plot_score_histogram(
+                        plot_score_histogram(
                             s_in,
                             outs,
                             fig_dir / f"ood_hist_{score_name.replace('+', '_plus_')}.png",
@@ -420,14 +422,14 @@ def run_suite(
                 )
             if "log_px" in score_cache and "energy" in score_cache:
                 same = bool(torch.allclose(score_cache["log_px"], score_cache["energy"], rtol=1e-4, atol=1e-4))
-                ood_metrics["energy_equals_log_px"] = same
+                results["energy_equals_log_px"] = same
                 if not same:
                     notes.append(
                         "model.energy differs from -logsumexp(logits) (separate energy head): the "
                         "'energy' and 'log_px' OOD scores are different functions."
                     )
-            ood_metrics["auroc_table"] = {s: {k: v["auroc"] for k, v in ood_metrics[s].items()} for s in score_names}
-            metrics["ood"] = ood_metrics
+            results["auroc_table"] = {s: {k: v["auroc"] for k, v in results[s].items()} for s in score_names}
+            metrics["ood"] = results
             notes.append(
                 f"OOD: {n_in} in-distribution test images vs up to {opts.n_ood} per OOD set; "
                 "AUROC via "
