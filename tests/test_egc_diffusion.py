@@ -10,7 +10,7 @@ import torch
 
 from jemlab.config import build_config
 from jemlab.diffusion import NoiseSchedule, sample, timestep_subsequence
-from jemlab.diffusion.egc import generate_egc, guided_eps
+from jemlab.generate.egc import generate_egc, guided_eps
 from jemlab.models import build_model
 
 
@@ -114,7 +114,11 @@ def test_sampler_with_perfect_oracle_recovers_gaussian_data(eta, steps, toleranc
     schedule, mu, s = NoiseSchedule("linear", 1000), 0.3, 0.5
     gen = torch.Generator().manual_seed(1)
     x_T = torch.randn(10_000, 1, 2, 2, generator=gen, dtype=torch.float64)
-    x0 = sample(_gaussian_oracle(schedule, mu, s), schedule, x_T, steps=steps, eta=eta, clip_x0=False, generator=gen)
+    def randn_like(x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=gen, dtype=x.dtype)
+
+    oracle = _gaussian_oracle(schedule, mu, s)
+    x0 = sample(oracle, schedule, x_T, steps=steps, eta=eta, clip_x0=False, randn_like=randn_like)
     assert x0.mean().item() == pytest.approx(mu, abs=0.01)
     assert x0.std().item() == pytest.approx(s, abs=tolerance)
 

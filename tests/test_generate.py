@@ -1,11 +1,16 @@
-"""Generation from a run: shapes, determinism, the buffer is left alone, class samples start in their class."""
+"""Generation from a run: shapes, determinism, the buffer is left alone, class samples start in their class, and
+every sample depends on its seed and index only (not on the batch size or the number of samples), for JEM and EGC."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from jemlab.config import build_config
 from jemlab.generate import generate
+from jemlab.models import build_model
 from jemlab.training.loop import Trainer
 
 
@@ -41,3 +46,54 @@ def test_class_samples_start_from_buffer_images_of_that_class(tmp_path, tiny_con
         buffer_predicted = trainer.model.logits(buffer).argmax(1)
     present = torch.tensor([bool((buffer_predicted == c).any()) for c in labels.tolist()])
     assert torch.equal(predicted[present], labels[present])
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of a network evaluated on batches of different sizes."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("init", "conditional", "noise"), [("buffer", False, 0.01), ("noise", True, 0.01), ("buffer", True, 0.0)]
+)
+def test_jem_samples_do_not_depend_on_the_batch_size(tmp_path, tiny_config_overrides, init, conditional, noise):
+    trainer = _trainer(tmp_path, [*tiny_config_overrides, ("sampler.noise", str(noise))])
+    labels = torch.tensor([3, 1, 4, 1, 5, 9]) if conditional else None
+
+    def draw(n: int, batch_size: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(7)
+        rows = None if labels is None else labels[:n]
+        return generate(trainer, n, labels=rows, steps=3, init=init, generator=gen, batch_size=batch_size)[0]
+
+    whole = draw(6, 6)
+    assert _same(draw(6, 4), whole) and _same(draw(6, 1), whole)
+    assert _same(draw(4, 3), whole[:4])  # nor on how many samples are drawn after it
+    assert not torch.equal(whole[0], whole[1])
+
+
+def _egc_source(sampler: str) -> SimpleNamespace:
+    """A small EGC network on 8×8 images with every weight random, as a sampling source."""
+    torch.manual_seed(0)
+    options = {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention": [2], "energy": "map"}
+    model = build_model("egc_unet", (1, 8, 8), 3, options=options)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    config = build_config("egc", [("egc.sampler", sampler), ("egc.sample_steps", 4), ("egc.guidance", 1.0)])
+    return SimpleNamespace(model=model.eval(), config=config, device=torch.device("cpu"), image_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize(("sampler", "conditional"), [("ddpm", False), ("ddpm", True), ("ddim", True)])
+def test_egc_samples_do_not_depend_on_the_batch_size(sampler, conditional):
+    source = _egc_source(sampler)
+    labels = torch.tensor([0, 2, 1, 2, 0]) if conditional else None
+
+    def draw(n: int, batch_size: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(7)
+        rows = None if labels is None else labels[:n]
+        return generate(source, n, labels=rows, generator=gen, batch_size=batch_size)[0]
+
+    whole = draw(5, 5)
+    assert _same(draw(5, 2), whole) and _same(draw(5, 1), whole)
+    assert _same(draw(3, 2), whole[:3])
+    assert not torch.equal(whole[0], whole[1])

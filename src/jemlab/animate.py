@@ -81,7 +81,7 @@ def _record_diffusion(
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, Any]]:
     """An EGC run's chain: x_T ~ N(0, I) denoised by its sampler, the noisy x_t shown clamped to [−1, 1]."""
-    from jemlab.diffusion.egc import denoise_segment
+    from jemlab.generate.egc import denoise_segment
 
     cfg = source.config.egc
     steps = cfg.sample_steps if steps is None else steps

@@ -1,6 +1,7 @@
-"""Diffusion machinery for EGC (SPEC S5): noise schedules, the forward process, DDIM/DDPM samplers, generation.
+"""Diffusion maths for EGC (SPEC S5): noise schedules, the forward process, the DDIM/DDPM sampler.
 
-The samplers see only a noise-estimate function; the network (models/egc_unet.py) knows no schedule.
+The sampler sees only a noise-estimate function and its random source; the network (models/egc_unet.py) knows no
+schedule, and this package knows no network, config or run: generating from an EGC run is `jemlab.generate.egc`.
 """
 
 from jemlab.diffusion.samplers import SAMPLERS, diffusion_step, sample, timestep_subsequence

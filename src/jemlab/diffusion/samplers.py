@@ -1,6 +1,7 @@
 """DDIM and DDPM ancestral sampling from a noise estimate (Song et al., 2021; Ho et al., 2020).
 
-The samplers see only ``eps_fn(x_t, t) -> ε̂`` and a `NoiseSchedule`; they know nothing about energies or models.
+The samplers see only ``eps_fn(x_t, t) -> ε̂``, a `NoiseSchedule` and a noise source ``randn_like(x)``; they
+know nothing about energies, models or runs (the run-level glue is `jemlab.generate.egc`).
 Both walk a decreasing subsequence τ of the T timesteps. One step from τ_i = t to τ_{i−1} = s (ᾱ_s = 1 after the
 last step) is DDIM's update (Song et al., 2021, eq. 12):
 
@@ -22,7 +23,8 @@ import torch
 from jemlab.diffusion.schedule import NoiseSchedule
 from jemlab.errors import ConfigError
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) ↦ ε̂
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]  # x ↦ z ~ N(0, I) shaped like x
 
 
 def timestep_subsequence(timesteps: int, steps: int) -> torch.Tensor:
@@ -67,38 +69,46 @@ def diffusion_step(
 def sample(
     eps_fn: EpsFn,
     schedule: NoiseSchedule,
-    x_T: torch.Tensor,
+    x: torch.Tensor,
     *,
     steps: int,
     eta: float = 0.0,
     clip_x0: bool = True,
-    generator: torch.Generator | None = None,
+    randn_like: NoiseFn | None = None,
+    start: int = 0,
+    stop: int | None = None,
 ) -> torch.Tensor:
-    """Run the reverse process from x_T ~ N(0, I) along `steps` evenly spaced timesteps.
+    """Run the reverse process along `steps` evenly spaced timesteps: from x_T ~ N(0, I) to x_0, or a segment of it.
+
+    The sampler is handed its random source (as in NVlabs/edm): a caller that gives every sample its own generator
+    gets images that do not depend on the batch they are drawn in.
 
     Args:
         eps_fn: ε̂(x_t, t) with t a (N,) int64 tensor on x's device.
         schedule: the noise schedule the model was trained with.
-        x_T: (N, C, H, W) starting noise.
-        steps: number of model evaluations.
+        x: (N, C, H, W) images at position `start` (x_T when `start` is 0).
+        steps: number of model evaluations from x_T to x_0.
         eta: 0 = DDIM, 1 = DDPM ancestral.
         clip_x0: clip the predicted clean image to [−1, 1] at each step.
-        generator: random source of the per-step noise (on x_T's device).
+        randn_like: x ↦ z ~ N(0, I) shaped like x, the per-step noise (η > 0); default ``torch.randn_like``.
+        start, stop: run positions start … stop − 1 of the `steps` (default: all of them); positions past the end
+            leave x unchanged, so a caller can advance a chain piece by piece (animations, ``jemlab serve``).
 
     Returns:
-        x_0 estimates, (N, C, H, W) (not clamped: callers that want images clamp to [−1, 1]).
+        x after position stop − 1, (N, C, H, W): the x_0 estimates when the segment reaches the end (not clamped:
+        callers that want images clamp to [−1, 1]).
     """
-    taus = timestep_subsequence(schedule.timesteps, steps)
+    taus = timestep_subsequence(schedule.timesteps, steps).tolist()
     alpha_bar = schedule.alpha_bar.tolist()
-    x = x_T
-    for i, t in enumerate(taus.tolist()):
-        t_batch = torch.full((len(x),), t, dtype=torch.long, device=x.device)
+    randn_like = randn_like or torch.randn_like
+    stop = len(taus) if stop is None else min(stop, len(taus))
+    for i in range(max(start, 0), stop):
+        t_batch = torch.full((len(x),), taus[i], dtype=torch.long, device=x.device)
         eps = eps_fn(x, t_batch)
-        alpha_bar_s = alpha_bar[taus[i + 1]] if i + 1 < len(taus) else 1.0
-        noise = None
-        if eta > 0 and i + 1 < len(taus):
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = diffusion_step(x, eps, alpha_bar[t], alpha_bar_s, eta, noise, clip_x0)
+        last = i + 1 == len(taus)
+        alpha_bar_s = 1.0 if last else alpha_bar[taus[i + 1]]
+        noise = randn_like(x) if eta > 0 and not last else None
+        x = diffusion_step(x, eps, alpha_bar[taus[i]], alpha_bar_s, eta, noise, clip_x0)
     return x
 
 

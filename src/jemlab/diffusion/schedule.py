@@ -70,10 +70,6 @@ class NoiseSchedule:
         """Draw x_t ~ q(x_t | x_0) with the given noise: √ᾱ_t x_0 + √(1 − ᾱ_t) ε."""
         return self.signal(t, x0) * x0 + self.sigma(t, x0) * noise
 
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Invert the forward process for a noise estimate: x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t."""
-        return (x_t - self.sigma(t, x_t) * eps) / self.signal(t, x_t)
-
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu"):
         """n timesteps uniform on {0, …, T−1} (the training distribution of Ho et al., Alg. 1)."""
         return torch.randint(0, self.timesteps, (n,), generator=generator, device=device)

@@ -130,7 +130,7 @@ def make_defend_fn(
 def _langevin_settings(run: LoadedRun) -> tuple[float, float]:
     """(α, σ) of the run's own Langevin dynamics: sampler.* for JEM runs, the t = 0 noise level for EGC runs."""
     if run.config.objective.name == "egc":
-        from jemlab.diffusion.egc import langevin_at_t0
+        from jemlab.generate.egc import langevin_at_t0
 
         return langevin_at_t0(run.config)
     return run.config.sampler.step_size, run.config.sampler.noise

@@ -130,8 +130,8 @@ def egc_actions(run: Any, refine_fraction: float = 0.4) -> ModelActions:
     `refine_fraction` of the steps is left (t ≈ 0.4·T by default) and denoises it from there (SDEdit, Meng et al.,
     2022): the model redraws what it reads in the sketch. Predictions read the t = 0 classifier and energy.
     """
-    from jemlab.diffusion.egc import denoise_segment, renoise_position
     from jemlab.diffusion.samplers import sampler_eta
+    from jemlab.generate.egc import denoise_segment, renoise_position
 
     jem = jem_actions(run)  # predict: the t = 0 logits and energy, as for a JEM
     model, device, config, cfg = run.model, run.device, run.config, run.config.egc

@@ -14,7 +14,7 @@ import torch
 
 from jemlab.accel import AUTOCAST_DTYPES, choose_precision
 from jemlab.config import Config
-from jemlab.diffusion.egc import schedule_from_config
+from jemlab.generate.egc import schedule_from_config
 from jemlab.objectives import EGCWeights, egc_loss
 from jemlab.training.ema import EMA
 from jemlab.training.recovery import gradient_norm

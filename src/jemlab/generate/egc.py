@@ -1,4 +1,4 @@
-"""EGC generation: the noise estimate of the energy network, with the model's own classifier as guidance.
+"""Generation from an EGC run: the noise estimate of the energy network, with the model's own classifier as guidance.
 
 Unconditional: ε̂(x_t, t) = √(1 − ᾱ_t) ∇ₓE(x_t, t) (SPEC S5). Class-conditional for class y (classifier guidance,
 Dhariwal & Nichol, 2021, with EGC's own classifier, Guo et al., 2023):
@@ -7,19 +7,27 @@ Dhariwal & Nichol, 2021, with EGC's own classifier, Guo et al., 2023):
 
 with p(y | x_t, t) = softmax(f(x_t, t)) and guidance scale s; when the network is label-conditioned the energy
 itself is the conditional one, E(x_t, t, y). Both gradients come from one backward pass of their sum.
+
+This is the run-level glue (config, weights, devices, random sources); the maths it drives (schedule, DDIM/DDPM
+loop) is `jemlab.diffusion`, which knows no run.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from jemlab.config import Config
-from jemlab.diffusion.samplers import diffusion_step, sample, sampler_eta, timestep_subsequence
+from jemlab.diffusion.samplers import sample, sampler_eta, timestep_subsequence
 from jemlab.diffusion.schedule import NoiseSchedule
 from jemlab.errors import JemlabError
+from jemlab.generate.seeds import SampleGenerators, draw_seeds
+from jemlab.sampling import frozen
+
+if TYPE_CHECKING:
+    from jemlab.generate import SamplingSource
 
 
 def schedule_from_config(config: Config) -> NoiseSchedule:
@@ -75,7 +83,7 @@ def guided_eps(
 
 
 def generate_egc(
-    source: Any,
+    source: SamplingSource,
     n: int,
     *,
     labels: torch.Tensor | None = None,
@@ -85,54 +93,44 @@ def generate_egc(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Draw n samples from an EGC run with its configured sampler (DDIM or DDPM) and guidance.
 
-    Uses the EMA weights: a Trainer's ``eval_model``, or a loaded run's model (loaded from the EMA weights).
+    Uses the EMA weights: a Trainer's ``eval_model``, or a loaded run's model (loaded from the EMA weights). Sample i
+    draws x_T and its per-step noise from its own generator, seeded from `generator` and i (`seeds.py`), so it does
+    not depend on `batch_size` or on n.
 
     Args:
         source: a Trainer or a loaded run of an EGC config.
         n: number of samples.
         labels: (n,) classes for class-conditional samples, or None.
         steps: sampler steps (default egc.sample_steps).
-        generator: random source (CPU or the model's device); a fixed seed gives the same samples.
+        generator: random source (CPU or the model's device) of the per-sample seeds; fixed seed → same samples.
         batch_size: images denoised at once.
 
     Returns:
         (images in [−1, 1] on the CPU, protocol dict).
     """
-    from jemlab.sampling import frozen  # local: sampling imports the JEM samplers, not needed at import time
-
     cfg = source.config.egc
     if labels is not None and len(labels) != n:
         raise JemlabError(f"got {len(labels)} labels for {n} samples")
-    model = getattr(source, "eval_model", None)
+    model = getattr(source, "eval_model", None)  # a Trainer's EMA weights; a loaded run's model already holds them
     model = source.model if model is None else model
     schedule = schedule_from_config(source.config)
     steps = cfg.sample_steps if steps is None else steps
     eta = sampler_eta(cfg.sampler, cfg.eta)
-    generator = generator or torch.Generator().manual_seed(0)
     shape = tuple(source.image_shape) if hasattr(source, "image_shape") else tuple(source.splits.image_shape)
-    # Starting noise from the caller's generator (on its own device), per-step noise from one seeded from it.
-    x_T = torch.randn((n, *shape), generator=generator, device=generator.device)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    noise_gen = torch.Generator(device=source.device).manual_seed(seed)
+    generators = SampleGenerators.seeded(draw_seeds(generator)[0], n, source.device)
     was_training = model.training
     model.eval()
     out = []
     with frozen(model):
         for i in range(0, n, batch_size):
+            rows = generators[i : i + batch_size]
             chunk_labels = None if labels is None else labels[i : i + batch_size].to(source.device)
 
             def eps_fn(x: torch.Tensor, t: torch.Tensor, chunk_labels=chunk_labels) -> torch.Tensor:
                 return guided_eps(model, x, t, schedule.sigma(t, x), chunk_labels, cfg.guidance)
 
-            x = sample(
-                eps_fn,
-                schedule,
-                x_T[i : i + batch_size].to(source.device),
-                steps=steps,
-                eta=eta,
-                clip_x0=cfg.clip_x0,
-                generator=noise_gen,
-            )
+            x_T = rows.randn(shape)  # (b, C, H, W), then each sample's step noise from the same generator
+            x = sample(eps_fn, schedule, x_T, steps=steps, eta=eta, clip_x0=cfg.clip_x0, randn_like=rows.randn_like)
             out.append(x.clamp(-1, 1).float().cpu())
     model.train(was_training)
     protocol = {
@@ -162,32 +160,38 @@ def denoise_segment(
     generator: torch.Generator | None = None,
     sample_steps: int | None = None,
 ) -> torch.Tensor:
-    """Steps `start` … `stop` − 1 of the run's sampler (`sample_steps`, default ``egc.sample_steps``, steps from x_T
-    to an image), for
-    callers that show a chain as it goes (``jemlab sample --animate``, ``jemlab serve``).
+    """Positions `start` … `stop` − 1 of the run's sampler (`sample_steps`, default ``egc.sample_steps``, steps
+    from x_T to an image), for callers that show a chain as it goes (``jemlab sample --animate``, ``jemlab serve``).
 
-    Positions past the end leave x unchanged; the last step clamps the image to [−1, 1]. Runs on x's device; the
-    per-step noise (DDPM, or DDIM with η > 0) comes from `generator` (CPU) and is moved there.
+    Positions past the end leave x unchanged; the segment that takes the last step clamps the image to [−1, 1].
+    Runs on x's device; the per-step noise (DDPM, or DDIM with η > 0) comes from `generator` (CPU) and is moved
+    there.
     """
-    from jemlab.sampling import frozen
-
     cfg = config.egc
     schedule = schedule_from_config(config)
-    taus = timestep_subsequence(schedule.timesteps, sample_steps or cfg.sample_steps).tolist()
-    alpha_bar = schedule.alpha_bar.tolist()
+    steps = sample_steps or cfg.sample_steps
     eta = sampler_eta(cfg.sampler, cfg.eta)
+
+    def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guided_eps(model, x_t, t, schedule.sigma(t, x_t), labels, cfg.guidance)
+
+    def randn_like(x_t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x_t.shape, generator=generator).to(x_t.device)
+
     with frozen(model):
-        for i in range(max(start, 0), min(stop, len(taus))):
-            t = torch.full((len(x),), taus[i], dtype=torch.long, device=x.device)
-            eps = guided_eps(model, x, t, schedule.sigma(t, x), labels, cfg.guidance)
-            last = i + 1 == len(taus)
-            noise = None
-            if not last and eta > 0:
-                noise = torch.randn(x.shape, generator=generator).to(x.device)
-            x = diffusion_step(x, eps, alpha_bar[taus[i]], 1.0 if last else alpha_bar[taus[i + 1]], eta, noise)
-            if last:
-                x = x.clamp(-1, 1)
-    return x
+        x = sample(
+            eps_fn,
+            schedule,
+            x,
+            steps=steps,
+            eta=eta,
+            clip_x0=cfg.clip_x0,
+            randn_like=randn_like,
+            start=start,
+            stop=stop,
+        )
+    ends = len(timestep_subsequence(schedule.timesteps, steps))
+    return x.clamp(-1, 1) if max(start, 0) < ends <= stop else x
 
 
 def renoise_position(config: Config, x0: torch.Tensor, fraction_left: float, generator: torch.Generator):

@@ -1,4 +1,4 @@
-"""Generation from a trained model, shared by the training loop's sample grids and ``jemlab sample``.
+"""Generation from a JEM run: SGLD chains on the model's energy, started from the replay buffer or the initialiser.
 
 Where chains start:
 - ``"buffer"`` (default when the run kept one): persistent chains from the replay buffer, continued for K more
@@ -9,52 +9,47 @@ Where chains start:
 Class-conditional samples (labels given) follow p(x|y) ∝ exp(f(x)[y]). From a class-partitioned buffer they start
 in their class's partition; from an unconditional buffer they start from buffer images the classifier already
 assigns to y, so the chain refines a y-like image rather than turning another class into an adversarial y.
+
+Every random choice of sample i (its buffer slot or initial image, its Langevin noise) comes from generators of its
+own (`seeds.py`), so sample i does not depend on the batch size or on how many samples are drawn with it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from jemlab.config import Config
 from jemlab.errors import JemlabError
-from jemlab.models import EnergyModel
-from jemlab.samplers import ReplayBuffer
-from jemlab.samplers.init import Initializer
+from jemlab.generate.seeds import SampleGenerators, draw_seeds
 from jemlab.sampling import run_chains
 
-
-class SamplingSource(Protocol):
-    """What generation needs: a Trainer or a loaded run both provide it."""
-
-    model: EnergyModel
-    config: Config
-    buffer: ReplayBuffer | None
-    device: torch.device
-    init: Initializer
+if TYPE_CHECKING:
+    from jemlab.generate import SamplingSource
 
 
 def _start_points(
     source: SamplingSource,
-    n: int,
     labels: torch.Tensor | None,
     init: str,
-    generator: torch.Generator,
+    generators: SampleGenerators,
 ) -> torch.Tensor:
+    """(n, C, H, W) starting images on the CPU; sample i's choices from ``generators[i]`` (CPU)."""
     buffer = source.buffer
     if init == "noise" or buffer is None:
-        return source.init(n, labels, generator)
+        draws = [
+            source.init(1, None if labels is None else labels[i : i + 1], g)
+            for i, g in enumerate(generators.generators)
+        ]
+        return torch.cat(draws)
     if labels is None:
-        slots = torch.randint(0, len(buffer), (n,), generator=generator)
-        return buffer.images[slots].clone()
+        return buffer.images[generators.randint(len(buffer))].clone()
     if buffer.class_conditional:
-        offsets = torch.randint(0, buffer.per_class, (n,), generator=generator)
-        return buffer.images[labels * buffer.per_class + offsets].clone()
+        return buffer.images[labels * buffer.per_class + generators.randint(buffer.per_class)].clone()
     probs, energy = _buffer_scores(source)
     predicted = probs.argmax(1)
     energy_cut = energy.quantile(0.25)
-    starts = torch.empty((n, *buffer.shape))
+    starts = torch.empty((len(labels), *buffer.shape))
     for c in labels.unique().tolist():
         rows = (labels == c).nonzero().squeeze(1)
         candidates = (predicted == c).nonzero().squeeze(1)
@@ -65,7 +60,7 @@ def _start_points(
         # probable candidates.
         probable = candidates[energy[candidates] <= energy_cut]
         candidates = probable if len(probable) > 0 else candidates[energy[candidates].argsort()[:16]]
-        pick = candidates[torch.randint(0, len(candidates), (len(rows),), generator=generator)]
+        pick = candidates[generators[rows].randint(len(candidates))]
         starts[rows] = buffer.images[: len(buffer)][pick]
     return starts
 
@@ -85,7 +80,41 @@ def _buffer_scores(source: SamplingSource, batch: int = 1000) -> tuple[torch.Ten
     return torch.cat(probs), torch.cat(energies)
 
 
-def generate(
+def _langevin(
+    source: SamplingSource,
+    x_start: torch.Tensor,
+    labels: torch.Tensor | None,
+    steps: int,
+    generators: SampleGenerators,
+    batch_size: int,
+) -> torch.Tensor:
+    """Run each sample's chain from x_start (CPU) and return the samples as float32 on the CPU.
+
+    `run_chains` draws a batch's Langevin noise from one ``torch.Generator``, so in a batch of b chains a chain's
+    noise would depend on b and on its place in the batch. Until the SGLD samplers take a noise source (a
+    ``randn_like(x)`` argument, as `jemlab.diffusion.samplers.sample` does), a chain that draws noise runs on its
+    own, with its own generator; chains without noise are deterministic given their start and run `batch_size` at
+    a time.
+    """
+    cfg = source.config.sampler
+    chunk = 1 if steps > 0 and cfg.noise > 0 else batch_size
+    out = []
+    for i in range(0, len(x_start), chunk):
+        chunk_labels = None if labels is None else labels[i : i + chunk].to(source.device)
+        x, _ = run_chains(
+            source.model,
+            x_start[i : i + chunk].to(source.device),
+            cfg,
+            labels=chunk_labels,
+            steps=steps,
+            generator=generators.generators[i],  # the chain's own (chunk = 1) or unused (no noise)
+            channels_last=source.config.train.channels_last,
+        )
+        out.append(x.float().cpu())
+    return torch.cat(out)
+
+
+def generate_jem(
     source: SamplingSource,
     n: int,
     *,
@@ -95,53 +124,27 @@ def generate(
     generator: torch.Generator | None = None,
     batch_size: int = 256,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Draw n samples (images in [−1, 1], on the CPU) without changing the source's buffer.
+    """Draw n SGLD samples from a JEM run (images in [−1, 1], on the CPU) without changing its buffer.
 
-    Args:
-        source: a Trainer or a loaded run.
-        n: number of samples.
-        labels: (n,) classes for p(x|y) samples, or None for p(x).
-        steps: SGLD steps (default: the run's sampler.steps); for EGC runs, DDIM/DDPM steps (egc.sample_steps).
-        init: "auto" (buffer when there is one), "buffer" or "noise".
-        generator: random source (CPU) for starting points and Langevin noise; fixed seed → same samples.
-        batch_size: chains run at once.
+    Args as for `jemlab.generate.generate` (`steps`: SGLD steps, default the run's sampler.steps).
 
     Returns:
         (images, protocol): the samples and a dict describing how they were made.
     """
-    if init not in ("auto", "buffer", "noise"):
-        raise JemlabError(f"unknown init '{init}'; choose auto, buffer or noise")
-    if source.config.objective.name == "egc":  # EGC runs sample with DDIM/DDPM from noise (diffusion/egc.py)
-        if init == "buffer":
-            raise JemlabError("EGC runs have no replay buffer: their samplers start from noise (init 'noise')")
-        from jemlab.diffusion.egc import generate_egc
-
-        return generate_egc(source, n, labels=labels, steps=steps, generator=generator, batch_size=batch_size)
     if init == "buffer" and source.buffer is None:
         raise JemlabError("this run has no replay buffer (short-run sampler); use init 'noise'")
     if labels is not None and len(labels) != n:
         raise JemlabError(f"got {len(labels)} labels for {n} samples")
     mode = "buffer" if init in ("auto", "buffer") and source.buffer is not None else "noise"
-    generator = generator or torch.Generator().manual_seed(0)
     cfg = source.config.sampler
     steps = cfg.steps if steps is None else steps
-    x_start = _start_points(source, n, None if labels is None else labels.cpu(), mode, generator)
-    # The chain noise comes from a generator on the model's device, seeded from the caller's generator.
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    noise_gen = torch.Generator(device=source.device).manual_seed(seed)
-    out = []
-    for i in range(0, n, batch_size):
-        chunk_labels = None if labels is None else labels[i : i + batch_size].to(source.device)
-        x, _ = run_chains(
-            source.model,
-            x_start[i : i + batch_size].to(source.device),
-            cfg,
-            labels=chunk_labels,
-            steps=steps,
-            generator=noise_gen,
-            channels_last=source.config.train.channels_last,
-        )
-        out.append(x.float().cpu())
+    # Sample i: its start from a CPU generator seeded start_seed + i (buffer and initialiser live on the CPU), its
+    # Langevin noise from one on the model's device seeded noise_seed + i.
+    start_seed, noise_seed = draw_seeds(generator, 2)
+    starts = SampleGenerators.seeded(start_seed, n, "cpu")
+    x_start = _start_points(source, None if labels is None else labels.cpu(), mode, starts)
+    noises = SampleGenerators.seeded(noise_seed, n, source.device)
+    x = _langevin(source, x_start, labels, steps, noises, batch_size)
     protocol = {
         "init": mode,
         "steps": steps,
@@ -150,4 +153,4 @@ def generate(
         "conditional": labels is not None,
         "n": n,
     }
-    return torch.cat(out).contiguous(), protocol
+    return x.contiguous(), protocol
