@@ -27,7 +27,7 @@ from benchmarks.common import write_result
 from jemlab.data import load_dataset
 from jemlab.evaluation import sample_quality as sq
 from jemlab.evaluation.command import reference_feature_net
-from jemlab.evaluation.suite import _load
+from jemlab.evaluation.suite_context import load_subset as _load
 from jemlab.generate import generate
 from jemlab.run import load_run
 

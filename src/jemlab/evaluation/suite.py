@@ -14,33 +14,48 @@ cores; :meth:`SuiteOptions.quick` is a smoke-test preset and everything scales l
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from jemlab.errors import JemlabError
 from jemlab.evaluation import calibration as cal
-from jemlab.evaluation import classification as cls
 from jemlab.evaluation import robustness as rob
 from jemlab.evaluation import sample_quality as sq
-from jemlab.evaluation.ood_metrics import ood_metrics, plot_score_histogram
-from jemlab.evaluation.ood_scores import FITTED_SCORES, SCORE_FUNCTIONS, compute_scores, fit_scores, has_features
-from jemlab.evaluation.ood_sets import build_ood_sets
+from jemlab.evaluation.ood_scores import FITTED_SCORES, SCORE_FUNCTIONS
 from jemlab.evaluation.report import write_report
+from jemlab.evaluation.suite_classifier import evaluate_calibration, evaluate_classification, evaluate_robustness
+from jemlab.evaluation.suite_context import (
+    PartResult,
+    SuiteContext,
+    batched_logits,
+    load_subset,
+    model_device,
+    split_of,
+)
+from jemlab.evaluation.suite_ood import evaluate_ood
+from jemlab.evaluation.suite_samples import evaluate_samples
 
-__all__ = ["SampleFn", "SuiteOptions", "run_suite"]
+__all__ = ["PARTS", "SampleFn", "SuiteOptions", "run_suite"]
 
 #: ``sample_fn(n, labels or None, generator) -> (n, C, H, W)`` images in [-1, 1].
 SampleFn = Callable[[int, Tensor | None, torch.Generator], Tensor]
 
-_PARTS = ("classification", "calibration", "ood", "robustness", "samples")
+#: The evaluation parts, name -> ``part(context) -> (metrics, log line)`` or None when skipped. They run in this
+#: order whatever the order of ``SuiteOptions.parts``: all draw from one seeded generator, so the order is part
+#: of the protocol.
+PARTS: dict[str, Callable[[SuiteContext], PartResult]] = {
+    "classification": evaluate_classification,
+    "calibration": evaluate_calibration,
+    "ood": evaluate_ood,
+    "robustness": evaluate_robustness,
+    "samples": evaluate_samples,
+}
 
 
 @dataclass
@@ -90,7 +105,7 @@ class SuiteOptions:
     n_ood: int = 1000
     batch_size: int = 250
     seed: int = 0
-    parts: tuple[str, ...] = _PARTS
+    parts: tuple[str, ...] = tuple(PARTS)
     calibration_bins: int = cal.DEFAULT_N_BINS
     temperature_scaling: bool = True
     ood_scores: tuple[str, ...] = (
@@ -126,9 +141,9 @@ class SuiteOptions:
     extra_notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        unknown = set(self.parts) - set(_PARTS)
+        unknown = set(self.parts) - set(PARTS)
         if unknown:
-            raise JemlabError(f"unknown suite parts {sorted(unknown)}; choose from {list(_PARTS)}")
+            raise JemlabError(f"unknown suite parts {sorted(unknown)}; choose from {list(PARTS)}")
         known = {*SCORE_FUNCTIONS, *FITTED_SCORES}
         bad = set(self.ood_scores) - known
         if bad:
@@ -171,40 +186,6 @@ class SuiteOptions:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
-def _split(splits: Any, name: str) -> Any:
-    if isinstance(splits, Mapping):
-        return splits.get(name)
-    return getattr(splits, name, None)
-
-
-def _load(dataset: Any, n: int, gen: torch.Generator, batch_size: int) -> tuple[Tensor, Tensor]:
-    total = len(dataset)
-    if total == 0:
-        raise JemlabError("evaluation split is empty; check the dataset files")
-    idx = torch.randperm(total, generator=gen)[: min(n, total)].sort().values
-    xs, ys = [], []
-    for xb, yb in cls.iterate_dataset(dataset, idx, batch_size):
-        xs.append(torch.as_tensor(xb).float())
-        ys.append(torch.as_tensor(yb).long())
-    return torch.cat(xs), torch.cat(ys)
-
-
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _logits(model: Any, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
-    logits, _ = cls.collect_logits(model.logits, batches, device=device)
-    return logits
-
-
-def _on(fn: Callable[[Tensor], Tensor], device: torch.device) -> Callable[[Tensor], Tensor]:
-    return lambda x: fn(x.to(device)).cpu()
-
-
 def run_suite(
     model: Any,
     splits: Any,
@@ -244,303 +225,62 @@ def run_suite(
     Returns:
         The nested metrics dict also written to ``out_dir/metrics.json``.
     """
+    # ---- options, output folder, random source, eval mode
     opts = options or SuiteOptions()
     say = log or (lambda _msg: None)
     out = Path(out_dir)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(opts.seed)
-    device = _device(model)
+    device = model_device(model)
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
     t_start = time.monotonic()
-
     metrics: dict[str, Any] = {}
-    figures: list[tuple[str, Path]] = []
     timing: dict[str, float] = {}
-    notes: list[str] = [
-        f"dataset: {opts.dataset_name or 'unspecified'}; seed {opts.seed}; images in [-1, 1].",
-        "Energy E(x) = model.energy(x); log p(x) score = logsumexp of the logits (= -E(x) for LogSumExp "
-        "energies); all OOD scores are higher = more in-distribution; in-distribution is the positive class.",
-    ]
+    figures: list[tuple[str, Path]] = []
+    notes = _opening_notes(opts)
 
     try:
-        test = _split(splits, "test")
-        if test is None:
-            raise JemlabError("splits has no 'test' dataset; pass splits with .test (and ideally .val)")
-        x_test, y_test = _load(test, opts.n_test, gen, opts.batch_size)
-        logits_test = _logits(model, x_test, opts.batch_size, device)
-        num_classes = int(logits_test.shape[1])
-        metrics["setup"] = {
-            "n_test": len(x_test),
-            "test_split_size": len(test),
-            "image_shape": list(x_test.shape[1:]),
-            "num_classes": num_classes,
-            "options": opts.to_dict(),
-        }
-
-        # ---------------------------------------------------------------- classification
-        if "classification" in opts.parts:
+        # ---- the test subset and its logits, shared by every part
+        x_test, y_test, logits_test, metrics["setup"] = _load_test(model, splits, opts, gen, device)
+        ctx = SuiteContext(
+            model=model,
+            splits=splits,
+            opts=opts,
+            gen=gen,
+            device=device,
+            out=out,
+            fig_dir=fig_dir,
+            x_test=x_test,
+            y_test=y_test,
+            logits_test=logits_test,
+            num_classes=int(logits_test.shape[1]),
+            ood_sets=ood_sets,
+            sample_fn=sample_fn,
+            feature_net=feature_net,
+            defend_fn=defend_fn,
+            figures=figures,
+            notes=notes,
+        )
+        # ---- the parts, in table order; a skipped part records no time
+        for name, part in PARTS.items():
+            if name not in opts.parts:
+                continue
             t0 = time.monotonic()
-            metrics["classification"] = cls.classification_metrics(logits_test, y_test)
-            figures.append(
-                (
-                    "Confusion matrix (test, row-normalised)",
-                    cls.plot_confusion_matrix(
-                        np.asarray(metrics["classification"]["confusion_matrix"]),
-                        fig_dir / "confusion_matrix.png",
-                    ),
-                )
-            )
-            timing["classification"] = time.monotonic() - t0
-            say(f"classification: accuracy {metrics['classification']['accuracy']:.4f}")
-
-        # ---------------------------------------------------------------- calibration
-        if "calibration" in opts.parts:
-            t0 = time.monotonic()
-            logits_eval, y_eval = logits_test, y_test
-            calibration: dict[str, Any] = {}
-            temperature = None
-            if opts.temperature_scaling:
-                val = _split(splits, "val")
-                if val is not None and len(val) > 0 and opts.n_val > 0:
-                    x_val, y_val = _load(val, opts.n_val, gen, opts.batch_size)
-                    logits_val = _logits(model, x_val, opts.batch_size, device)
-                    fit_src = f"validation split ({len(x_val)} examples)"
-                else:
-                    half = len(x_test) // 2
-                    logits_val, y_val = logits_test[:half], y_test[:half]
-                    logits_eval, y_eval = logits_test[half:], y_test[half:]
-                    fit_src = f"first half of the test subset ({half} examples; no validation split)"
-                    notes.append(
-                        "Temperature fitted on half of the test subset because no validation split was "
-                        "given; calibration metrics use the other half."
-                    )
-                temperature = cal.fit_temperature(logits_val, y_val)
-                at_bound = abs(math.log(temperature)) > 4.99
-                if at_bound:
-                    notes.append(
-                        f"Temperature scaling hit its search bound (T = {temperature:.3g}): the fitted "
-                        "NLL keeps falling as T moves further, e.g. because every validation example is "
-                        "classified correctly; the scaled calibration numbers are not meaningful."
-                    )
-                calibration.update(
-                    temperature=temperature, temperature_at_search_bound=at_bound, temperature_fitted_on=fit_src
-                )
-            raw = cal.calibration_metrics(logits_eval, y_eval, opts.calibration_bins)
-            calibration["raw"] = {k: v for k, v in raw.items() if k != "reliability"}
-
-            def bins(logits: Tensor) -> Any:
-                return cal.reliability_data(*cal.confidence_and_correctness(logits, y_eval), opts.calibration_bins)
-
-            curves = {"raw": bins(logits_eval)}
-            summary = f"calibration: ECE {raw['ece']:.4f}"
-            if temperature is not None:
-                logits_scaled = cal.apply_temperature(logits_eval, temperature)
-                scaled = cal.calibration_metrics(logits_scaled, y_eval, opts.calibration_bins)
-                calibration["temperature_scaled"] = {k: v for k, v in scaled.items() if k != "reliability"}
-                curves[f"T = {temperature:.3g}"] = bins(logits_scaled)
-                summary += f" -> {scaled['ece']:.4f} (T = {temperature:.3f})"
-            calibration["reliability_raw"] = raw["reliability"]
-            metrics["calibration"] = calibration
-            title = "Reliability diagram (raw" + (" and temperature-scaled)" if temperature is not None else ")")
-            figures.append((title, cal.plot_reliability_diagram(curves, fig_dir / "reliability.png")))
-            notes.append(
-                f"ECE: {opts.calibration_bins} equal-width confidence bins (JEM++ protocol); "
-                "Brier = mean sum_k (p_k - 1[y=k])^2 (range 0-2)"
-                + ("." if temperature is not None else "; no temperature scaling.")
-            )
-            timing["calibration"] = time.monotonic() - t0
+            result = part(ctx)
+            if result is None:
+                continue
+            metrics[name], summary = result
+            timing[name] = time.monotonic() - t0
             say(summary)
-
-        # ---------------------------------------------------------------- OOD
-        if "ood" in opts.parts:
-            t0 = time.monotonic()
-            n_in = min(opts.n_ood, len(x_test))
-            x_in = x_test[:n_in]
-            sets: dict[str, Tensor] = {}
-            for name, xs in (ood_sets or {}).items():
-                xs = torch.as_tensor(xs).float()
-                if tuple(xs.shape[1:]) != tuple(x_test.shape[1:]):
-                    raise JemlabError(
-                        f"OOD set {name!r} has image shape {tuple(xs.shape[1:])} but the test "
-                        "images are "
-                        f"{tuple(x_test.shape[1:])}; resize/convert it to the model's input shape"
-                    )
-                sets[name] = xs[: opts.n_ood]
-            for name, xs in build_ood_sets(x_test, n_in, gen, opts.synthetic_ood).items():
-                sets.setdefault(name, xs)
-            results: dict[str, Any] = {}
-            score_cache: dict[str, Tensor] = {}
-            score_fns: dict[str, Any] = dict(SCORE_FUNCTIONS)
-            score_names = list(opts.ood_scores)
-            fitted = [name for name in score_names if name in FITTED_SCORES]
-            if fitted and not has_features(model):
-                notes.append(f"OOD scores {', '.join(fitted)} skipped: the model exposes no penultimate features.")
-                score_names = [name for name in score_names if name not in fitted]
-                fitted = []
-            if fitted:
-                # Fitted on the training split (class means, covariance) and standardised on validation images.
-                fit_split = _split(splits, "train") or _split(splits, "val")
-                if fit_split is None:
-                    raise JemlabError(f"OOD scores {fitted} need a train or val split to fit on; drop them")
-                x_fit, y_fit = _load(fit_split, opts.ood_fit_n, gen, opts.batch_size)
-                ref_split = _split(splits, "val") or test
-                x_ref, _ = _load(ref_split, opts.n_ood, gen, opts.batch_size)
-                score_fns.update(
-                    fit_scores(
-                        fitted, model, x_fit.to(device), y_fit, x_ref.to(device), num_classes, opts.batch_size
-                    )
-                )
-                notes.append(
-                    f"OOD scores {', '.join(fitted)}: class means and shared covariance of the penultimate features "
-                    f"fitted on {len(x_fit)} training images; the summed score standardises each part on "
-                    f"{len(x_ref)} validation images (no OOD data is used)."
-                )
-            for score_name in score_names:
-                s_in = compute_scores(score_fns[score_name], model, x_in.to(device), opts.batch_size)
-                score_cache[score_name] = s_in
-                per_set: dict[str, Any] = {}
-                outs: dict[str, Tensor] = {}
-                for set_name, xs in sets.items():
-                    s_out = compute_scores(score_fns[score_name], model, xs.to(device), opts.batch_size)
-                    outs[set_name] = s_out
-                    per_set[set_name] = ood_metrics(s_in, s_out)
-                results[score_name] = per_set
-                figures.append(
-                    (
-                        f"OOD score histogram: {score_name}",
-                        plot_score_histogram(
-                            s_in,
-                            outs,
-                            fig_dir / f"ood_hist_{score_name.replace('+', '_plus_')}.png",
-                            title=f"OOD score: {score_name}",
-                            score_name=score_name,
-                        ),
-                    )
-                )
-            if "log_px" in score_cache and "energy" in score_cache:
-                same = bool(torch.allclose(score_cache["log_px"], score_cache["energy"], rtol=1e-4, atol=1e-4))
-                results["energy_equals_log_px"] = same
-                if not same:
-                    notes.append(
-                        "model.energy differs from -logsumexp(logits) (separate energy head): the "
-                        "'energy' and 'log_px' OOD scores are different functions."
-                    )
-            results["auroc_table"] = {s: {k: v["auroc"] for k, v in results[s].items()} for s in score_names}
-            metrics["ood"] = results
-            notes.append(
-                f"OOD: {n_in} in-distribution test images vs up to {opts.n_ood} per OOD set; "
-                "AUROC via "
-                "Mann-Whitney (ties = 1/2); FPR95 = FPR at 95% TPR; synthetic sets: "
-                f"{', '.join(opts.synthetic_ood) or 'none'}."
-            )
-            timing["ood"] = time.monotonic() - t0
-            say(f"ood: {len(sets)} sets x {len(score_names)} scores")
-
-        # ---------------------------------------------------------------- robustness
-        if "robustness" in opts.parts and opts.pgd_n > 0:
-            t0 = time.monotonic()
-            x_r, y_r = x_test[: opts.pgd_n], y_test[: opts.pgd_n]
-            plain = _on(model.logits, device)
-            rob_metrics: dict[str, Any] = {}
-            defended = None
-            if opts.defence_steps > 0:
-                defend = defend_fn or rob.langevin_defence(
-                    model.energy,
-                    steps=opts.defence_steps,
-                    step_size=opts.defence_step_size,
-                    noise_std=opts.defence_noise,
-                    init_noise_std=opts.defence_init_noise,
-                    generator=None,
-                )
-                defended = _on(rob.defended_logits_fn(model.logits, defend, opts.defence_chains), device)
-            for norm in opts.pgd_norms:
-                eps_list = opts.pgd_eps_linf if norm == "linf" else opts.pgd_eps_l2
-                attack_kw = dict(
-                    steps=opts.pgd_steps,
-                    restarts=opts.pgd_restarts,
-                    loss=opts.pgd_loss,
-                    generator=gen,
-                    batch_size=opts.batch_size,
-                )
-                curves = {"undefended": rob.robustness_curve(plain, x_r, y_r, eps_list, norm=norm, **attack_kw)}
-                if defended is not None and opts.defence_n < len(x_r):
-                    # The defence is attacked on fewer images; compare it with the plain classifier on those.
-                    curves[f"undefended, same {opts.defence_n} images"] = rob.robustness_curve(
-                        plain, x_r[: opts.defence_n], y_r[: opts.defence_n], eps_list, norm=norm, **attack_kw
-                    )
-                if defended is not None:
-                    curves[f"SGLD defence K={opts.defence_steps}"] = rob.robustness_curve(
-                        defended,
-                        x_r[: opts.defence_n],
-                        y_r[: opts.defence_n],
-                        eps_list,
-                        norm=norm,
-                        eot_samples=opts.defence_eot,
-                        **attack_kw,
-                    )
-                rob_metrics[norm] = curves
-                figures.append(
-                    (
-                        f"Robust accuracy vs eps ({norm})",
-                        rob.plot_robustness_curves(
-                            curves,
-                            fig_dir / f"robustness_{norm}.png",
-                            title=f"PGD-{opts.pgd_steps} {norm}, {rob.LOSS_NAMES[opts.pgd_loss]} loss",
-                        ),
-                    )
-                )
-            metrics["robustness"] = rob_metrics
-            notes.append(
-                f"PGD on the {rob.LOSS_NAMES[opts.pgd_loss]}: {len(x_r)} test "
-                f"images, {opts.pgd_steps} steps, step 2.5*eps/steps, "
-                f"{opts.pgd_restarts} random restart(s); eps in [0, 1] pixel units (x2 in our "
-                "[-1, 1] "
-                "range), inputs clipped to [-1, 1]."
-            )
-            if defended is not None:
-                notes.append(
-                    f"JEM defence: {opts.defence_steps} SGLD steps (alpha {opts.defence_step_size}, sigma "
-                    f"{opts.defence_noise}, start noise {opts.defence_init_noise}), {opts.defence_chains} "
-                    "chain(s) averaged, attacked by differentiating through the refinement with "
-                    f"{opts.defence_eot} EOT sample(s) per step on {opts.defence_n} images."
-                )
-            timing["robustness"] = time.monotonic() - t0
-            say("robustness: done")
-
-        # ---------------------------------------------------------------- samples
-        if "samples" in opts.parts and sample_fn is not None and opts.n_samples > 0:
-            t0 = time.monotonic()
-            metrics["samples"] = _evaluate_samples(
-                model,
-                sample_fn,
-                feature_net,
-                x_test,
-                y_test,
-                num_classes,
-                opts,
-                gen,
-                device,
-                fig_dir,
-                out,
-                figures,
-                notes,
-                splits,
-            )
-            timing["samples"] = time.monotonic() - t0
-            say("samples: done")
-        elif "samples" in opts.parts:
-            notes.append("Sample quality skipped: no sample_fn given.")
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
 
-    available, reason = sq.inception_available()
-    if not available:
-        notes.append(reason + ".")
-    notes.extend(opts.extra_notes)
+    # ---- closing notes, timing, the caller's additions, then the files
+    notes.extend(_closing_notes(opts))
     timing["total"] = time.monotonic() - t_start
     metrics["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
     if finalize is not None:
@@ -549,179 +289,39 @@ def run_suite(
     return metrics
 
 
-def _generate(
-    sample_fn: SampleFn,
-    n: int,
-    labels: Tensor | None,
-    batch: int,
-    gen: torch.Generator,
-    shape: tuple[int, ...],
-) -> Tensor:
-    chunks = []
-    for i in range(0, n, batch):
-        b = min(batch, n - i)
-        lb = None if labels is None else labels[i : i + b]
-        xs = torch.as_tensor(sample_fn(b, lb, gen)).detach().float().cpu()
-        if tuple(xs.shape) != (b, *shape):
-            raise JemlabError(
-                f"sample_fn returned shape {tuple(xs.shape)}, expected {(b, *shape)}; it must "
-                "return "
-                "(n, C, H, W) images in [-1, 1]"
-            )
-        chunks.append(xs)
-    return torch.cat(chunks)
+def _opening_notes(opts: SuiteOptions) -> list[str]:
+    """The first protocol notes: dataset, seed, pixel range and the OOD score conventions."""
+    return [
+        f"dataset: {opts.dataset_name or 'unspecified'}; seed {opts.seed}; images in [-1, 1].",
+        "Energy E(x) = model.energy(x); log p(x) score = logsumexp of the logits (= -E(x) for LogSumExp "
+        "energies); all OOD scores are higher = more in-distribution; in-distribution is the positive class.",
+    ]
 
 
-def _evaluate_samples(
-    model: Any,
-    sample_fn: SampleFn,
-    feature_net: nn.Module | None,
-    x_test: Tensor,
-    y_test: Tensor,
-    num_classes: int,
-    opts: SuiteOptions,
-    gen: torch.Generator,
-    device: torch.device,
-    fig_dir: Path,
-    out: Path,
-    figures: list[tuple[str, Path]],
-    notes: list[str],
-    splits: Any,
-) -> dict[str, Any]:
-    shape = tuple(x_test.shape[1:])
-    res: dict[str, Any] = {}
-    x_u = _generate(sample_fn, opts.n_samples, None, opts.sample_batch, gen, shape)
-    if not torch.isfinite(x_u).all():
-        raise JemlabError("sample_fn returned non-finite images; the sampler or model has diverged")
-    res["n"] = len(x_u)
-    res["fraction_outside_range"] = float(((x_u < -1.0001) | (x_u > 1.0001)).double().mean())
-    x_u = x_u.clamp(-1, 1)
-    logits_u = _logits(model, x_u, opts.batch_size, device)
-    with torch.no_grad():
-        e_u = torch.cat(
-            [
-                model.energy(x_u[i : i + opts.batch_size].to(device)).cpu().reshape(-1)
-                for i in range(0, len(x_u), opts.batch_size)
-            ]
-        )
-        e_t = torch.cat(
-            [
-                model.energy(x_test[i : i + opts.batch_size].to(device)).cpu().reshape(-1)
-                for i in range(0, len(x_test), opts.batch_size)
-            ]
-        )
-    res["unconditional"] = {
-        "class_histogram_entropy": sq.class_histogram_entropy(logits_u, num_classes),
-        "class_histogram": sq.class_histogram(logits_u, num_classes).tolist(),
-        "mean_max_softmax": float(torch.softmax(logits_u, 1).max(1).values.mean()),
-        "mean_energy_samples": float(e_u.mean()),
-        "mean_energy_test": float(e_t.mean()),
+def _load_test(
+    model: Any, splits: Any, opts: SuiteOptions, gen: torch.Generator, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+    """The test subset, its logits and the ``setup`` entries of the metrics.
+
+    Returns:
+        ``(x_test, y_test, logits_test, setup)``.
+    """
+    test = split_of(splits, "test")
+    if test is None:
+        raise JemlabError("splits has no 'test' dataset; pass splits with .test (and ideally .val)")
+    x_test, y_test = load_subset(test, opts.n_test, gen, opts.batch_size)
+    logits_test = batched_logits(model, x_test, opts.batch_size, device)
+    setup = {
+        "n_test": len(x_test),
+        "test_split_size": len(test),
+        "image_shape": list(x_test.shape[1:]),
+        "num_classes": int(logits_test.shape[1]),
+        "options": opts.to_dict(),
     }
-    figures.append(
-        (
-            "Unconditional samples",
-            sq.plot_image_grid(x_u[:64], fig_dir / "samples_unconditional.png", title="unconditional samples"),
-        )
-    )
+    return x_test, y_test, logits_test, setup
 
-    x_c: Tensor | None = None
-    labels_c: Tensor | None = None
-    if opts.conditional_samples:
-        labels_c = torch.arange(opts.n_samples) % num_classes
-        try:
-            x_c = _generate(sample_fn, opts.n_samples, labels_c, opts.sample_batch, gen, shape).clamp(-1, 1)
-        except (NotImplementedError, TypeError, ValueError, JemlabError) as exc:
-            notes.append(f"Class-conditional samples skipped: sample_fn refused labels ({exc}).")
-            x_c, labels_c = None, None
-    if x_c is not None and labels_c is not None:
-        logits_c = _logits(model, x_c, opts.batch_size, device)
-        res["conditional"] = {"model_accuracy": sq.sample_class_accuracy(logits_c, labels_c, num_classes)}
-        order = torch.argsort(labels_c[: min(len(labels_c), 10 * num_classes)], stable=True)
-        figures.append(
-            (
-                "Class-conditional samples (one row per class)",
-                sq.plot_image_grid(
-                    x_c[order],
-                    fig_dir / "samples_conditional.png",
-                    nrow=max(1, len(order) // num_classes),
-                    title="class-conditional samples",
-                ),
-            )
-        )
 
-    # Sample exchange format (SPEC): float32 images in [0, 1], int64 labels for class-conditional samples.
-    np.savez_compressed(out / "samples_unconditional.npz", images=((x_u.numpy() + 1.0) / 2.0).astype(np.float32))
-    if x_c is not None and labels_c is not None:
-        np.savez_compressed(
-            out / "samples_conditional.npz",
-            images=((x_c.numpy() + 1.0) / 2.0).astype(np.float32),
-            labels=labels_c.numpy().astype(np.int64),
-        )
-
-    if feature_net is not None:
-        fnet = feature_net.to(device).eval() if hasattr(feature_net, "eval") else feature_net
-
-        def feats(x: Tensor) -> np.ndarray:
-            return sq.extract_features(_on(fnet.features, device), x, opts.batch_size)
-
-        f_test = feats(x_test)
-        f_u = feats(x_u)
-        fq: dict[str, Any] = {}
-        kid_kw = dict(n_subsets=opts.kid_subsets, subset_size=opts.kid_subset_size, seed=opts.seed)
-        n_ref = min(len(f_test), len(f_u))
-        fq["frechet_unconditional"] = sq.frechet_distance_from_features(f_test[:n_ref], f_u[:n_ref])
-        fq["kid_unconditional"] = dict(
-            zip(("mean", "std"), sq.kernel_inception_distance(f_test, f_u, **kid_kw), strict=True)
-        )
-        with torch.no_grad():
-            fn_logits_test = torch.cat(
-                [fnet(x_test[i : i + opts.batch_size].to(device)).cpu() for i in range(0, len(x_test), opts.batch_size)]
-            )
-            fn_logits_u = torch.cat(
-                [fnet(x_u[i : i + opts.batch_size].to(device)).cpu() for i in range(0, len(x_u), opts.batch_size)]
-            )
-        fq["feature_net_test_accuracy"] = cls.accuracy(fn_logits_test, y_test)
-        fq["class_histogram_entropy_feature_net"] = sq.class_histogram_entropy(fn_logits_u, num_classes)
-        # Noise floor: the same statistics between two real sets of the same size.
-        val = _split(splits, "val")
-        if val is not None and len(val) >= 2:
-            x_v, _ = _load(val, n_ref, gen, opts.batch_size)
-            f_v = feats(x_v)
-            m = min(len(f_v), n_ref)
-            fq["frechet_real_vs_real"] = sq.frechet_distance_from_features(f_test[:m], f_v[:m])
-            fq["kid_real_vs_real"] = dict(
-                zip(
-                    ("mean", "std"),
-                    sq.kernel_inception_distance(f_test, f_v, **kid_kw),
-                    strict=True,
-                )
-            )
-        if x_c is not None and labels_c is not None:
-            f_c = feats(x_c)
-            fq["frechet_conditional"] = sq.frechet_distance_from_features(f_test[:n_ref], f_c[:n_ref])
-            fq["kid_conditional"] = dict(
-                zip(
-                    ("mean", "std"),
-                    sq.kernel_inception_distance(f_test, f_c, **kid_kw),
-                    strict=True,
-                )
-            )
-            with torch.no_grad():
-                fn_logits_c = torch.cat(
-                    [fnet(x_c[i : i + opts.batch_size].to(device)).cpu() for i in range(0, len(x_c), opts.batch_size)]
-                )
-            res["conditional"]["feature_net_accuracy"] = sq.sample_class_accuracy(fn_logits_c, labels_c, num_classes)
-        meta = getattr(fnet, "meta", {}) or {}
-        fq["feature_net_meta"] = dict(meta)
-        res["feature_space"] = fq
-        notes.append(
-            f"Fréchet distance/KID: {n_ref} test images vs {n_ref} samples in the feature net's penultimate "
-            f"space (feature net: dataset {meta.get('dataset', '?')}, accuracy {meta.get('accuracy', '?')}); "
-            "KID = unbiased MMD^2 with k(x,y)=(x.y/d+1)^3, mean/std over subsets. Not Inception FID: compare "
-            "only across models scored with the same feature net and sample count."
-        )
-    else:
-        notes.append("Fréchet distance/KID skipped: no feature net given.")
-    if math.isnan(res["fraction_outside_range"]):
-        res["fraction_outside_range"] = None
-    return res
+def _closing_notes(opts: SuiteOptions) -> list[str]:
+    """The last protocol notes: why there is no Inception FID, then the caller's extra notes."""
+    available, reason = sq.inception_available()
+    return ([] if available else [reason + "."]) + list(opts.extra_notes)
