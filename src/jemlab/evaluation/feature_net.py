@@ -190,39 +190,21 @@ def train_feature_net(
     if len(x) < 2:
         raise JemlabError("need at least 2 training images to train a feature net")
     gen = torch.Generator().manual_seed(seed)
-    if val_images is not None:
-        xv, yv = to_model_range(val_images), to_tensor(val_labels).long().reshape(-1)
-    else:
-        perm = torch.randperm(len(x), generator=gen)
-        n_val = round(val_fraction * len(x)) if val_fraction > 0 else 0
-        n_val = min(n_val, len(x) - 1)
-        xv, yv = x[perm[:n_val]], y[perm[:n_val]]
-        x, y = x[perm[n_val:]], y[perm[n_val:]]
+    x, y, xv, yv = _held_out_split(x, y, val_images, val_labels, val_fraction, gen)
     torch.manual_seed(seed)
     net = FeatureNet(x.shape[1], num_classes, widths, pool)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     start = time.monotonic()
+
+    def out_of_time() -> bool:
+        return max_minutes is not None and time.monotonic() - start > 60.0 * max_minutes
+
     epochs_done = 0.0
-    stop = False
     steps_per_epoch = math.ceil(len(x) / batch_size)
     for epoch in range(epochs):
-        net.train()
-        perm = torch.randperm(len(x), generator=gen)
-        for step, i in enumerate(range(0, len(x), batch_size)):
-            idx = perm[i : i + batch_size]
-            xb, yb = x[idx], y[idx]
-            if hflip:
-                flip = torch.rand(len(xb), generator=gen) < 0.5
-                xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-            loss = F.cross_entropy(net(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if max_minutes is not None and time.monotonic() - start > 60.0 * max_minutes:
-                epochs_done = epoch + (step + 1) / steps_per_epoch
-                stop = True
-                break
-        if stop:
+        loss, steps_taken = _train_epoch(net, opt, x, y, batch_size, hflip, gen, out_of_time)
+        if steps_taken is not None:  # out of time part-way through this epoch
+            epochs_done = epoch + steps_taken / steps_per_epoch
             break
         epochs_done = epoch + 1
         if log is not None:
@@ -243,6 +225,55 @@ def train_feature_net(
         "train_seconds": round(time.monotonic() - start, 2),
     }
     return net
+
+
+def _held_out_split(
+    x: Tensor, y: Tensor, val_images: Any, val_labels: Any, val_fraction: float, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training and held-out images: the given held-out set, else a random ``val_fraction`` of the training
+    images (at least one image stays for training).
+
+    Returns:
+        ``(x_train, y_train, x_held_out, y_held_out)``.
+    """
+    if val_images is not None:
+        return x, y, to_model_range(val_images), to_tensor(val_labels).long().reshape(-1)
+    perm = torch.randperm(len(x), generator=gen)
+    n_val = round(val_fraction * len(x)) if val_fraction > 0 else 0
+    n_val = min(n_val, len(x) - 1)
+    return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
+
+
+def _train_epoch(
+    net: FeatureNet,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    hflip: bool,
+    gen: torch.Generator,
+    out_of_time: Callable[[], bool],
+) -> tuple[Tensor, int | None]:
+    """One shuffled pass of cross-entropy steps, stopping after the step at which ``out_of_time()`` turns true.
+
+    Returns:
+        ``(last loss, steps taken)`` when time ran out, else ``(last loss, None)``.
+    """
+    net.train()
+    perm = torch.randperm(len(x), generator=gen)
+    for step, i in enumerate(range(0, len(x), batch_size)):
+        idx = perm[i : i + batch_size]
+        xb, yb = x[idx], y[idx]
+        if hflip:
+            flip = torch.rand(len(xb), generator=gen) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        loss = F.cross_entropy(net(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if out_of_time():
+            return loss, step + 1
+    return loss, None
 
 
 def _sidecar(path: Path) -> Path:

@@ -172,26 +172,40 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     notes_list = [notes] if isinstance(notes, str) else list(notes)
+    figs = _checked_figures(figures)
+    metrics_path = write_metrics_json(metrics, out / "metrics.json")
+    sections = _sections(metrics)
+    html_path = out / "report.html"
+    html_path.write_text(_html(title, notes_list, sections, figs), encoding="utf-8")
+    md_path = out / "report.md"
+    md_path.write_text(_markdown(title, notes_list, sections, figs, out), encoding="utf-8")
+    return {"metrics": metrics_path, "html": html_path, "markdown": md_path}
+
+
+def _checked_figures(figures: Sequence[tuple[str, str | Path]]) -> list[tuple[str, Path]]:
+    """The ``(title, path)`` pairs with paths as ``Path``; every PNG must exist already."""
     figs: list[tuple[str, Path]] = []
     for fig_title, p in figures:
         p = Path(p)
         if not p.is_file():
             raise JemlabError(f"report figure {p} not found; write the PNG before building the report")
         figs.append((fig_title, p))
+    return figs
 
-    metrics_path = write_metrics_json(metrics, out / "metrics.json")
-    sections = _sections(metrics)
 
-    # ---- HTML
+def _html(
+    title: str, notes: list[str], sections: list[tuple[str, list[tuple[str, Any]]]], figs: list[tuple[str, Path]]
+) -> str:
+    """The self-contained HTML page: protocol notes, one table per section, figures as base64 data URIs."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
-    if notes_list:
+    if notes:
         parts.append('<h2>Protocol</h2><ul class="notes">')
-        parts += [f"<li>{html.escape(n)}</li>" for n in notes_list]
+        parts += [f"<li>{html.escape(n)}</li>" for n in notes]
         parts.append("</ul>")
     for name, rows in sections:
         parts.append(f"<h2>{html.escape(name)}</h2><table><tr><th>metric</th><th>value</th></tr>")
@@ -207,13 +221,20 @@ def write_report(
                 f"<figcaption>{html.escape(fig_title)}</figcaption></figure>"
             )
     parts.append("</body></html>")
-    html_path = out / "report.html"
-    html_path.write_text("\n".join(parts), encoding="utf-8")
+    return "\n".join(parts)
 
-    # ---- Markdown
+
+def _markdown(
+    title: str,
+    notes: list[str],
+    sections: list[tuple[str, list[tuple[str, Any]]]],
+    figs: list[tuple[str, Path]],
+    out: Path,
+) -> str:
+    """The Markdown report: the same content as the HTML, with the PNGs linked by path relative to ``out``."""
     md = [f"# {title}", ""]
-    if notes_list:
-        md += ["## Protocol", ""] + [f"- {n}" for n in notes_list] + [""]
+    if notes:
+        md += ["## Protocol", ""] + [f"- {n}" for n in notes] + [""]
     for name, rows in sections:
         md += [f"## {name}", "", "| metric | value |", "|---|---|"]
         md += [f"| {_md_escape(k)} | {_md_escape(format_value(v))} |" for k, v in rows]
@@ -226,6 +247,4 @@ def write_report(
             except ValueError:  # different drive on Windows
                 rel = str(p.resolve())
             md += [f"![{fig_title}]({Path(rel).as_posix()})", ""]
-    md_path = out / "report.md"
-    md_path.write_text("\n".join(md), encoding="utf-8")
-    return {"metrics": metrics_path, "html": html_path, "markdown": md_path}
+    return "\n".join(md)

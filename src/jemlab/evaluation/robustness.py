@@ -136,12 +136,7 @@ def pgd_attack(
     Returns:
         (B, C, H, W) adversarial images, detached, in [-1, 1] and within the eps-ball of ``x``.
     """
-    if norm not in ("linf", "l2"):
-        raise JemlabError(f"unknown PGD norm {norm!r}; choose 'linf' or 'l2'")
-    if eps < 0:
-        raise JemlabError(f"eps must be >= 0 (in [0, 1] pixel units), got {eps}")
-    if steps < 1 or restarts < 1 or eot_samples < 1:
-        raise JemlabError("steps, restarts and eot_samples must all be >= 1")
+    _check_attack(norm, eps, steps, restarts, eot_samples)
     x0 = x.detach()
     y = y.detach().long().to(x0.device)
     if targets is not None:
@@ -153,38 +148,65 @@ def pgd_attack(
 
     best_x = x0.clone()
     best_loss = torch.full((x0.shape[0],), float("-inf"), device=x0.device)
-
-    def loss_and_grad(xa: Tensor) -> tuple[Tensor, Tensor]:
-        total_grad = torch.zeros_like(xa)
-        total_loss = torch.zeros(xa.shape[0], device=xa.device)
-        for _ in range(eot_samples):
-            with torch.enable_grad():
-                xg = xa.detach().requires_grad_(True)
-                per = _per_example_loss(logits_fn(xg).float(), y, loss, targets)
-                (g,) = torch.autograd.grad(per.sum(), [xg])
-            total_grad += g.detach()
-            total_loss += per.detach()
-        return total_loss / eot_samples, total_grad / eot_samples
-
-    def update_best(xa: Tensor, per: Tensor) -> None:
-        better = per > best_loss
-        best_loss[better] = per[better]
-        best_x[better] = xa[better]
-
     for _ in range(restarts):
         xa = _random_start(x0, eps_m, norm, generator) if random_start else x0.clone()
         for _ in range(steps):
-            per, g = loss_and_grad(xa)
-            update_best(xa, per)
-            step = g.sign() if norm == "linf" else g / _flat_norm(g).clamp_min(1e-12)
-            xa = xa + alpha * step
+            per, g = _loss_and_grad(logits_fn, xa, y, loss, targets, eot_samples)
+            _keep_best(best_x, best_loss, xa, per)
+            xa = xa + alpha * _ascent_direction(g, norm)
             xa = _project(xa, x0, eps_m, norm)
-        with torch.no_grad():
-            per = torch.zeros(x0.shape[0], device=x0.device)
-            for _ in range(eot_samples):
-                per += _per_example_loss(logits_fn(xa).float(), y, loss, targets)
-            update_best(xa, per / eot_samples)
+        _keep_best(best_x, best_loss, xa, _mean_loss(logits_fn, xa, y, loss, targets, eot_samples))
     return best_x.detach()
+
+
+def _check_attack(norm: str, eps: float, steps: int, restarts: int, eot_samples: int) -> None:
+    """Reject an unknown norm, a negative budget and non-positive counts."""
+    if norm not in ("linf", "l2"):
+        raise JemlabError(f"unknown PGD norm {norm!r}; choose 'linf' or 'l2'")
+    if eps < 0:
+        raise JemlabError(f"eps must be >= 0 (in [0, 1] pixel units), got {eps}")
+    if steps < 1 or restarts < 1 or eot_samples < 1:
+        raise JemlabError("steps, restarts and eot_samples must all be >= 1")
+
+
+def _loss_and_grad(
+    logits_fn: LogitsFn, xa: Tensor, y: Tensor, loss: str, targets: Tensor | None, eot_samples: int
+) -> tuple[Tensor, Tensor]:
+    """Per-example attack loss and its gradient with respect to the input, each averaged over ``eot_samples``
+    passes (expectation over transformation); model parameters' ``.grad`` fields are not touched."""
+    total_grad = torch.zeros_like(xa)
+    total_loss = torch.zeros(xa.shape[0], device=xa.device)
+    for _ in range(eot_samples):
+        with torch.enable_grad():
+            xg = xa.detach().requires_grad_(True)
+            per = _per_example_loss(logits_fn(xg).float(), y, loss, targets)
+            (g,) = torch.autograd.grad(per.sum(), [xg])
+        total_grad += g.detach()
+        total_loss += per.detach()
+    return total_loss / eot_samples, total_grad / eot_samples
+
+
+def _mean_loss(
+    logits_fn: LogitsFn, xa: Tensor, y: Tensor, loss: str, targets: Tensor | None, eot_samples: int
+) -> Tensor:
+    """Per-example attack loss averaged over ``eot_samples`` passes, without gradients."""
+    with torch.no_grad():
+        per = torch.zeros(xa.shape[0], device=xa.device)
+        for _ in range(eot_samples):
+            per += _per_example_loss(logits_fn(xa).float(), y, loss, targets)
+    return per / eot_samples
+
+
+def _ascent_direction(g: Tensor, norm: str) -> Tensor:
+    """Steepest-ascent step of unit size: sign(∇) for L∞, ∇/‖∇‖₂ for L2."""
+    return g.sign() if norm == "linf" else g / _flat_norm(g).clamp_min(1e-12)
+
+
+def _keep_best(best_x: Tensor, best_loss: Tensor, xa: Tensor, per: Tensor) -> None:
+    """In place: where ``xa`` has a higher loss than the best so far, it becomes the best."""
+    better = per > best_loss
+    best_loss[better] = per[better]
+    best_x[better] = xa[better]
 
 
 def _predict(logits_fn: LogitsFn, x: Tensor, batch_size: int) -> Tensor:
