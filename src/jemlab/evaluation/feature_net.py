@@ -196,21 +196,13 @@ def train_feature_net(
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     start = time.monotonic()
 
-    def out_of_time() -> bool:
+    def time_up() -> bool:
         return max_minutes is not None and time.monotonic() - start > 60.0 * max_minutes
 
-    epochs_done = 0.0
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-    for epoch in range(epochs):
-        loss, steps_taken = _train_epoch(net, opt, x, y, batch_size, hflip, gen, out_of_time)
-        if steps_taken is not None:  # out of time part-way through this epoch
-            epochs_done = epoch + steps_taken / steps_per_epoch
-            break
-        epochs_done = epoch + 1
-        if log is not None:
-            acc = _evaluate(net, xv, yv) if len(xv) else float("nan")
-            log(f"feature net epoch {epoch + 1}/{epochs}: loss {float(loss.detach()):.4f}, held-out acc {acc:.4f}")
-    acc = _evaluate(net, xv, yv) if len(xv) else float("nan")
+    epochs_done = _train_epochs(
+        net, opt, x, y, xv, yv, epochs=epochs, batch_size=batch_size, hflip=hflip, gen=gen, time_up=time_up, log=log
+    )
+    acc = _held_out_accuracy(net, xv, yv)
     net.eval()
     net.meta = {
         "accuracy": None if math.isnan(acc) else float(acc),
@@ -244,17 +236,56 @@ def _held_out_split(
     return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
 
 
+def _held_out_accuracy(net: FeatureNet, xv: Tensor, yv: Tensor) -> float:
+    """Accuracy on the held-out images (NaN when there are none)."""
+    return _evaluate(net, xv, yv) if len(xv) else float("nan")
+
+
+def _train_epochs(
+    net: FeatureNet,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    xv: Tensor,
+    yv: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    hflip: bool,
+    gen: torch.Generator,
+    time_up: Callable[[], bool],
+    log: Callable[[str], None] | None,
+) -> float:
+    """Up to ``epochs`` passes, logging the loss and held-out accuracy after each full one.
+
+    Returns:
+        The epochs done, fractional when time ran out part-way through one.
+    """
+    epochs_done = 0.0
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+    for epoch in range(epochs):
+        loss, steps_taken = _train_epoch(net, opt, x, y, batch_size=batch_size, hflip=hflip, gen=gen, time_up=time_up)
+        if steps_taken is not None:  # out of time part-way through this epoch
+            return epoch + steps_taken / steps_per_epoch
+        epochs_done = epoch + 1
+        if log is not None:
+            acc = _held_out_accuracy(net, xv, yv)
+            log(f"feature net epoch {epoch + 1}/{epochs}: loss {float(loss.detach()):.4f}, held-out acc {acc:.4f}")
+    return epochs_done
+
+
 def _train_epoch(
     net: FeatureNet,
     opt: torch.optim.Optimizer,
     x: Tensor,
     y: Tensor,
+    *,
     batch_size: int,
     hflip: bool,
     gen: torch.Generator,
-    out_of_time: Callable[[], bool],
+    time_up: Callable[[], bool],
 ) -> tuple[Tensor, int | None]:
-    """One shuffled pass of cross-entropy steps, stopping after the step at which ``out_of_time()`` turns true.
+    """One shuffled pass of cross-entropy steps, stopping after the step at which ``time_up()`` turns true.
 
     Returns:
         ``(last loss, steps taken)`` when time ran out, else ``(last loss, None)``.
@@ -271,7 +302,7 @@ def _train_epoch(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if out_of_time():
+        if time_up():
             return loss, step + 1
     return loss, None
 
