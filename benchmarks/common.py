@@ -11,8 +11,12 @@ from typing import Any
 
 import torch
 
+from jemlab.accel import probe
+from jemlab.accel.private_ops import os_cpu_flags
 from jemlab.allocator import allocator_status
 from jemlab.training.loop import git_sha
+
+_VECTOR_FLAGS = ("avx", "fma", "amx", "sse4", "f16c", "asimd", "sve", "bf16", "neon")
 
 
 def machine_info() -> dict[str, Any]:
@@ -33,6 +37,9 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "malloc": allocator_status(),
+        # what the CPU offers as the OS lists it (vector and matrix extensions only) and as torch finds it
+        "cpu_flags": sorted(f for f in os_cpu_flags() if f.startswith(_VECTOR_FLAGS)),
+        "hardware": probe("cpu").summary(),
     }
 
 

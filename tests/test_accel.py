@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jemlab.accel import CAPABILITIES, choose_gradient, choose_precision, fallbacks, probe, reset_probes
+from jemlab.accel import CAPABILITIES, choose_gradient, choose_precision, fallbacks, private_ops, probe, reset_probes
 from jemlab.accel import explicit as explicit_module
-from jemlab.accel import private_ops
 from jemlab.accel.probe import parse_overrides
 from jemlab.config import build_config
 from jemlab.errors import ConfigError

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from jemlab.accel import explicit as explicit_module
+from jemlab.accel import reset_probes
+from jemlab.accel.explicit import ExplicitGradient, explicit_gradient, explicit_support, subpixel_weight
 from jemlab.config import build_config
 from jemlab.errors import ConfigError
 from jemlab.models import build_model
-from jemlab.accel import explicit as explicit_module
-from jemlab.accel import reset_probes
 from jemlab.samplers import sgld
-from jemlab.accel.explicit import ExplicitGradient, explicit_gradient, explicit_support, subpixel_weight
 from jemlab.sampling import run_chains
 
 MODELS = {

@@ -8,7 +8,7 @@ glue for one loaded run (:func:`jemlab.run.load_run`):
 - ``defend_fn``: the JEM SGLD-refinement defence (Grathwohl et al., 2020, Sec. 5.3) on the run's own energy, with
   the run's SGLD step size, noise and gradient clip, differentiable so that PGD attacks it through the refinement
   (expectation over transformation, Athalye et al., 2018);
-- OOD sets: the synthetic ones of :func:`jemlab.evaluation.ood.build_ood_sets` plus the test split of a related
+- OOD sets: the synthetic ones of :func:`jemlab.evaluation.ood_sets.build_ood_sets` plus the test split of a related
   dataset (Fashion-MNIST ↔ MNIST, CIFAR ↔ SVHN/CIFAR-100) when its files are on disk and its images have the
   model's shape;
 - the domain feature net for Fréchet distance/KID, trained once per dataset and cached under
