@@ -42,10 +42,10 @@ import torch
 
 from benchmarks.common import write_result
 from benchmarks.flops import count_flops, cpu_peak, measured_matmul_gflops
+from jemlab.accel import fast
 from jemlab.allocator import allocator_status, tune_allocator
 from jemlab.config import SamplerConfig, build_config
 from jemlab.models import EnergyModel, build_model
-from jemlab.samplers import fast
 from jemlab.sampling import run_chains
 
 

@@ -11,20 +11,19 @@ import pytest
 import torch
 from torch import nn
 
+from jemlab.accel import compile_status, fast_sgld
+from jemlab.accel import fast as fast_module
 from jemlab.config import build_config
 from jemlab.errors import ConfigError
 from jemlab.models import build_model
 from jemlab.samplers import (
     ClassGaussians,
     build_initializer,
-    compile_status,
-    fast_sgld,
     fit_class_gaussians,
     pyld,
     sgld,
     split_first_layer,
 )
-from jemlab.samplers import fast as fast_module
 from jemlab.sampling import run_chains
 from jemlab.training.checkpoint import load_checkpoint, save_checkpoint
 

@@ -4,6 +4,8 @@
 - `choices`: the precision and the fallbacks, each decision with its reason.
 - `gradient`: the SGLD input gradient, explicit where it can run, autograd otherwise.
 - `explicit`: the hand-written input gradient of plain layer sequences.
+- `fast`, `cuda_graph`: the SGLD chain executed with less overhead (in-place steps, chain groups on CPU threads,
+  torch.compile, CUDA graphs): the same Langevin step (`jemlab.samplers.langevin`), the same random numbers.
 - `private_ops`: the only module that calls private torch operators, each with its self-test.
 """
 
@@ -15,6 +17,7 @@ from jemlab.accel.choices import (
     choose_precision,
     fallbacks,
 )
+from jemlab.accel.fast import compile_status, fast_sgld
 from jemlab.accel.gradient import choose_gradient, input_gradient
 from jemlab.accel.probe import CAPABILITIES, probe, reset_probes
 
@@ -26,7 +29,9 @@ __all__ = [
     "Choice",
     "choose_gradient",
     "choose_precision",
+    "compile_status",
     "fallbacks",
+    "fast_sgld",
     "input_gradient",
     "probe",
     "reset_probes",

@@ -17,11 +17,9 @@ from jemlab.accel.choices import Choice, failed, fall_back
 from jemlab.accel.explicit import explicit_gradient, explicit_support
 from jemlab.accel.probe import probe
 from jemlab.errors import ConfigError
+from jemlab.samplers.langevin import GradientFn, autograd_gradient
 
 EXPLICIT = "the explicit input gradient"
-
-# x ↦ (E(x), ∇ₓE(x)) computed without autograd
-GradientFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def choose_gradient(
@@ -103,18 +101,3 @@ def _give_up_or_fall_back(requested: str, exc: Exception) -> None:
         message = f"sampler.gradient=explicit failed on this machine ({first}); use sampler.gradient=auto"
         raise ConfigError(message) from exc
     fall_back(EXPLICIT, "autograd", exc)
-
-
-def autograd_gradient(
-    energy_fn: Callable[[torch.Tensor], torch.Tensor], autocast_dtype: torch.dtype | None
-) -> GradientFn:
-    """x ↦ (E(x), ∇ₓE(x)) by autograd, the network evaluated under autocast in `autocast_dtype` when given."""
-
-    def gradient(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.detach().requires_grad_(True)
-        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            energy = energy_fn(x)
-        (grad,) = torch.autograd.grad(energy.sum(), x)
-        return energy.detach(), grad
-
-    return gradient

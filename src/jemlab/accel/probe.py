@@ -39,10 +39,10 @@ CAPABILITIES = {
     "bf16_native": "bf16 matrix/convolution arithmetic runs natively (not emulated)",
     "fp16_native": "fp16 arithmetic runs natively",
     "bf16_works": "a bf16 convolution runs and gives the fp32 answer within bf16 rounding",
-    "packed_conv_fp32": "oneDNN packed fp32 convolutions (torch.ops.mkldnn) run and are correct",
+    "packed_conv_fp32": "oneDNN packed fp32 convolutions run and are correct",
     "packed_conv_bf16": "oneDNN packed bf16 convolutions run and are correct",
-    "activation_backward": "fused ATen activation backwards (aten.*_backward.grad_input) run and are correct",
-    "version_counter": "in-place updates move tensor._version (cached plans can tell when weights change)",
+    "activation_backward": "fused ATen activation backwards that write into a given tensor run and are correct",
+    "version_counter": "in-place updates move a tensor's version counter (cached plans see weight changes)",
     "compile": "torch.compile has what it needs (a C++ compiler on CPU, Triton on CUDA)",
 }
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from jemlab.errors import JemlabError
-from jemlab.samplers.sgld import sgld
+from jemlab.samplers import LangevinSettings, autograd_gradient, langevin_step, sgld
 
 __all__ = [
     "PIXEL_SCALE",
@@ -360,25 +360,23 @@ def langevin_refine(
         Refined images in [-1, 1].
     """
 
-    def noise_like(t: Tensor, std: float) -> Tensor:
-        return torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) * std
+    def noise_like(t: Tensor) -> Tensor:  # drawn on the CPU generator, moved to x's device
+        return torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
 
     xk = x if differentiable else x.detach()
     if init_noise_std > 0:
-        xk = (xk + noise_like(xk, init_noise_std)).clamp(_LOW, _HIGH)
+        xk = (xk + init_noise_std * noise_like(xk)).clamp(_LOW, _HIGH)
     if not differentiable:
         out, _ = sgld(
             energy_fn, xk, steps=steps, step_size=step_size, noise=noise_std, grad_clamp=grad_clamp, generator=generator
         )
         return out
+    # the library's Langevin step, kept differentiable end to end (autograd through every gradient)
+    settings = LangevinSettings(step_size, noise_std, grad_clamp, bounds=(_LOW, _HIGH))
+    gradient = autograd_gradient(energy_fn, create_graph=True)
     with torch.enable_grad():
         for _ in range(steps):
-            if not xk.requires_grad:
-                xk = xk.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(energy_fn(xk).sum(), [xk], create_graph=True)
-            if grad_clamp is not None:
-                g = g.clamp(-grad_clamp, grad_clamp)
-            xk = (xk - step_size * g + noise_like(xk, noise_std)).clamp(_LOW, _HIGH)
+            xk, _, _ = langevin_step(xk, gradient, noise_like(xk) if noise_std > 0 else None, settings)
     return xk
 
 

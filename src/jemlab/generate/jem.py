@@ -90,24 +90,20 @@ def _langevin(
 ) -> torch.Tensor:
     """Run each sample's chain from x_start (CPU) and return the samples as float32 on the CPU.
 
-    `run_chains` draws a batch's Langevin noise from one ``torch.Generator``, so in a batch of b chains a chain's
-    noise would depend on b and on its place in the batch. Until the SGLD samplers take a noise source (a
-    ``randn_like(x)`` argument, as `jemlab.diffusion.samplers.sample` does), a chain that draws noise runs on its
-    own, with its own generator; chains without noise are deterministic given their start and run `batch_size` at
-    a time.
+    The chains run `batch_size` at a time; each chain's Langevin noise comes from its own generator (the
+    sampler's ``randn_like`` stacks one draw per sample), so a chain does not depend on the batch it runs in.
     """
     cfg = source.config.sampler
-    chunk = 1 if steps > 0 and cfg.noise > 0 else batch_size
     out = []
-    for i in range(0, len(x_start), chunk):
-        chunk_labels = None if labels is None else labels[i : i + chunk].to(source.device)
+    for i in range(0, len(x_start), batch_size):
+        rows = slice(i, i + batch_size)
         x, _ = run_chains(
             source.model,
-            x_start[i : i + chunk].to(source.device),
+            x_start[rows].to(source.device),
             cfg,
-            labels=chunk_labels,
+            labels=None if labels is None else labels[rows].to(source.device),
             steps=steps,
-            generator=generators.generators[i],  # the chain's own (chunk = 1) or unused (no noise)
+            randn_like=generators[rows].randn_like,
             channels_last=source.config.train.channels_last,
         )
         out.append(x.float().cpu())

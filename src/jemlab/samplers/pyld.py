@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from jemlab.errors import ConfigError
-from jemlab.samplers.sgld import SGLDStats
+from jemlab.samplers.langevin import LangevinSettings, NoiseFn, SGLDStats, chain_stats, gaussian_noise, langevin_step
 
 # x -> (E(x) of shape (N,), z = f₁(x)): the full energy together with the first layer's output inside its graph.
 EnergyAndFeatures = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -50,6 +50,7 @@ def pyld(
     inner_clamp: float | None = 1.0,
     bounds: tuple[float, float] | None = (-1.0, 1.0),
     generator: torch.Generator | None = None,
+    randn_like: NoiseFn | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, SGLDStats]:
     """Run K outer PYLD steps from `x_init` (see the module docstring) and return samples and diagnostics.
@@ -67,32 +68,34 @@ def pyld(
         inner_clamp: clip the inner gradient to ±ε (JEM++: 1).
         bounds: pixel box applied after every update.
         generator: random source of the noise.
+        randn_like: x ↦ N(0, I) noise shaped like x, replacing `generator`.
         autocast_dtype: evaluate the network under autocast with this dtype (the chain stays in x_init's dtype).
 
     Returns:
         (samples, stats) like `sgld`: detached samples with x_init's shape and dtype.
     """
     x = x_init.detach().clone()
-    device_type = x.device.type
-    autocast = torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
-    grad_norm = torch.zeros(())
-    energy = torch.zeros(())
-    for step in range(steps):
-        # Full pass: the energy gradient and the co-state p = ∂E/∂z at the current x.
-        x.requires_grad_(True)
-        with autocast:
-            e, z = energy_and_features(x)
-        grad, costate = torch.autograd.grad(e.sum(), [x, z])
-        x = x.detach()
-        costate = costate.detach()
-        if step == steps - 1:
-            energy = e.detach().float().mean()
-            grad_norm = grad.flatten(1).norm(dim=1).mean()
-        if grad_clamp is not None:
-            grad = grad.clamp(-grad_clamp, grad_clamp)
-        x.sub_(grad.to(x.dtype), alpha=step_size)
-        if bounds is not None:
-            x.clamp_(*bounds)
+    draw = randn_like or gaussian_noise(generator)
+    autocast = torch.autocast(
+        x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+    )
+    # the full step is the Langevin step without its noise, which PYLD adds after the inner steps
+    full_step = LangevinSettings(step_size, 0.0, grad_clamp, False, bounds)
+    costate = torch.zeros(())
+
+    def gradient(x_now: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """∇ₓE and, kept aside, the co-state p = ∂E/∂z, from one full forward/backward pass."""
+        nonlocal costate
+        x_var = x_now.detach().requires_grad_(True)
+        with torch.enable_grad(), autocast:
+            e, z = energy_and_features(x_var)
+        grad, p = torch.autograd.grad(e.sum(), [x_var, z])
+        costate = p.detach()
+        return e.detach(), grad
+
+    energy = grad = None
+    for _ in range(steps):
+        x, energy, grad = langevin_step(x, gradient, None, full_step, inplace=True)
         # Inner steps against the fixed co-state: only the first layer runs.
         for _ in range(inner_steps):
             x.requires_grad_(True)
@@ -106,10 +109,12 @@ def pyld(
             if bounds is not None:
                 x.clamp_(*bounds)
         if noise > 0:
-            x.add_(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), alpha=noise)
+            x.add_(draw(x), alpha=noise)
             if bounds is not None:
                 x.clamp_(*bounds)
-    return x, SGLDStats(grad_norm=float(grad_norm), energy=float(energy))
+    if grad is None:
+        return x, SGLDStats(grad_norm=0.0, energy=0.0)
+    return x, chain_stats(energy, grad)
 
 
 # --- splitting a network at its first layer -----------------------------------------------------------------------
