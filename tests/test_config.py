@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 import pytest
 
-from jemlab.config import PRESETS, build_config, config_from_dict, load_config_file, parse_overrides
+from jemlab.config import (
+    PRESETS,
+    Config,
+    build_config,
+    config_from_dict,
+    load_config_file,
+    parse_overrides,
+    set_value,
+)
+from jemlab.config.presets import load_presets
 from jemlab.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -76,3 +91,74 @@ def test_set_without_equals_and_bad_json(tmp_path):
     bad.write_text(json.dumps({"sampler": {"nope": 1}}))
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config_file(bad)
+
+
+# --- preset files ---------------------------------------------------------------------------------------------
+
+
+def _preset_tables() -> dict:
+    """Each shipped preset file's own table (before its base is merged in)."""
+    folder = resources.files("jemlab.config.presets")
+    files = [entry for entry in folder.iterdir() if entry.name.endswith(".toml")]
+    return {entry.name.removesuffix(".toml"): tomllib.loads(entry.read_text(encoding="utf-8")) for entry in files}
+
+
+def _resolved(tables: dict, name: str | None) -> dict:
+    """Defaults plus a preset or fragment's keys (its base's first), as a plain dict."""
+    config = Config()
+    flat: dict = {}
+    while name is not None:  # own keys over the base's
+        table = tables[name]
+        own = {f"{s}.{k}": v for s, section in table.items() if s != "extends" for k, v in section.items()}
+        flat = {**own, **flat}
+        name = table.get("extends")
+    for key, value in flat.items():
+        set_value(config, key, value)
+    return config.to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(_preset_tables()))
+def test_preset_files_state_only_what_differs(name):
+    """score_sde's rule: a preset sets a key only where it changes what the defaults (or its base) would give."""
+    tables = _preset_tables()
+    base = tables[name].get("extends")
+    before = _resolved(tables, base)
+    for section, values in tables[name].items():
+        if section == "extends":
+            continue
+        for key, value in values.items():
+            after = Config()
+            for k, v in before[section].items():
+                setattr(getattr(after, section), k, v)
+            set_value(after, f"{section}.{key}", value)
+            assert after.to_dict()[section][key] != before[section][key], f"{name}: {section}.{key} is the default"
+
+
+def test_unknown_preset_is_one_line_error_listing_the_choices():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; choose one of: course, default") as info:
+        build_config("nope")
+    assert "\n" not in str(info.value)
+    assert "_cpu-cnn" not in PRESETS and "_cpu-cnn" not in str(info.value)  # a fragment, not a preset
+
+
+def test_presets_extend_their_base_key_by_key():
+    assert PRESETS["jem"] == PRESETS["jem-cifar10"]
+    assert PRESETS["jem-svhn"] == {**PRESETS["jem-cifar10"], "data.dataset": "svhn", "data.augment": "crop"}
+    assert build_config("jem-cifar10").model.options["norm"] is None  # "none" in TOML, as on the command line
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"a.toml": 'extends = "b"\n', "b.toml": 'extends = "a"\n'}, "in a circle: a -> b -> a"),
+        ({"a.toml": 'extends = "zz"\n'}, "preset 'a' extends unknown preset 'zz'"),
+        ({"a.toml": "steps = 3\n"}, r"'steps' must be inside a \[section\] table"),
+        ({"a.toml": "[sampler\n"}, r"preset 'a' \(a.toml\) is not valid TOML"),
+    ],
+)
+def test_bad_preset_files_are_one_line_errors(tmp_path, files, message):
+    for file_name, text in files.items():
+        (tmp_path / file_name).write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_presets(tmp_path)
+    assert "\n" not in str(info.value)
