@@ -45,6 +45,7 @@ def run(prefix: list[str], args: list[str], timings: list[tuple[str, float]], la
     start = time.monotonic()
     result = subprocess.run([*prefix, "-m", "jemlab", *args], capture_output=True, text=True)
     timings.append((label, time.monotonic() - start))
+    print(f"  {timings[-1][1]:7.1f} s  {label}", flush=True)
     output = result.stdout + result.stderr
     if result.returncode != 0:
         raise SystemExit(f"FAILED: {label} (exit {result.returncode})\n{output[-4000:]}")
@@ -94,6 +95,7 @@ def serve_check(prefix: list[str], run_dir: Path, timings: list[tuple[str, float
         server.terminate()
         server.wait(timeout=30)
     timings.append((label, time.monotonic() - start))
+    print(f"  {timings[-1][1]:7.1f} s  {label}", flush=True)
 
 
 def check_preset(preset: str, prefix: list[str], data_dir: Path, work: Path, timings: list) -> None:
@@ -149,10 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.expect_no_bf16 and native["ok"]:
             raise SystemExit("FAILED: this CPU has native bf16; the check is meant for one without")
         for preset in args.presets:
-            print(f"{preset}:")
+            print(f"{preset}:", flush=True)
             check_preset(preset, prefix, work / "data", work, timings)
-    for label, seconds in timings:
-        print(f"  {seconds:7.1f} s  {label}")
     print(f"all checks passed in {sum(s for _, s in timings):.0f} s")
     return 0
 
