@@ -14,7 +14,7 @@ import torch
 from jemlab.accel import probe
 from jemlab.accel.private_ops import os_cpu_flags
 from jemlab.allocator import allocator_status
-from jemlab.training.loop import git_sha
+from jemlab.provenance import git_sha
 
 _VECTOR_FLAGS = ("avx", "fma", "amx", "sse4", "f16c", "asimd", "sve", "bf16", "neon")
 

@@ -26,7 +26,8 @@ from benchmarks.common import write_result
 from jemlab.allocator import tune_allocator
 from jemlab.config import build_config, parse_overrides
 from jemlab.data import load_dataset
-from jemlab.training.loop import Trainer, evaluate_split
+from jemlab.training.evaluate import evaluate_split
+from jemlab.training.loop import Trainer
 
 
 def run_preset(spec: str, splits, args: argparse.Namespace) -> dict:

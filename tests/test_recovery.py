@@ -21,14 +21,11 @@ from jemlab.errors import CheckpointError, ConfigError, DivergenceError
 from jemlab.samplers import ReplayBuffer, build_initializer
 from jemlab.training import loop
 from jemlab.training.checkpoint import load_checkpoint
+from jemlab.training.divergence import REASONS, DivergenceDetector, DivergenceSignal
+from jemlab.training.gap_drift import GapDriftMonitor
 from jemlab.training.loop import Trainer
-from jemlab.training.recovery import (
-    REASONS,
-    DivergenceDetector,
-    apply_policy,
-    reset_buffer_fraction,
-    trim_metrics,
-)
+from jemlab.training.metrics_file import trim_metrics
+from jemlab.training.recovery import Recovery, apply_policy, restart_chains
 
 # A recovery policy that changes nothing: a rolled-back run must then repeat the clean run exactly.
 NEUTRAL = [
@@ -165,21 +162,39 @@ def test_detector_state_survives_json():
 
 def test_policy_lowers_lr_lengthens_chains_up_to_the_cap_and_strengthens_l2():
     config = build_config("default", [("recovery.max_sgld_steps", 40)])
-    changes = apply_policy(config, config.recovery, uses_sampler=True)
+    before = config.to_dict()
+    changed, changes = apply_policy(config, config.recovery, uses_sampler=True)
     assert changes == {"optim.lr": [1e-3, 5e-4], "sampler.steps": [20, 30], "objective.energy_l2": [0.01, 0.02]}
-    apply_policy(config, config.recovery, uses_sampler=True)
-    assert config.sampler.steps == 40 and config.optim.lr == 2.5e-4 and config.objective.energy_l2 == 0.04
+    assert config.to_dict() == before  # a new config; the one given is left as it was
+    changed, _ = apply_policy(changed, changed.recovery, uses_sampler=True)
+    assert changed.sampler.steps == 40 and changed.optim.lr == 2.5e-4 and changed.objective.energy_l2 == 0.04
     softmax = build_config("softmax")
-    assert set(apply_policy(softmax, softmax.recovery, uses_sampler=False)) == {"optim.lr"}
+    assert set(apply_policy(softmax, softmax.recovery, uses_sampler=False)[1]) == {"optim.lr"}
 
 
-def test_buffer_reset_restarts_the_requested_fraction():
+def test_recovery_plans_the_rollback_and_the_changes_without_editing_the_config():
+    config = build_config("default")
+    before = config.to_dict()
+    recovery = Recovery(config, num_classes=10)
+    with pytest.raises(DivergenceError, match="no healthy state"):
+        recovery.restore_snapshot()
+    recovery.take_snapshot(7, lambda: {"weights": torch.ones(2)})
+    plan = recovery.recover(
+        DivergenceSignal("nonfinite_loss", 9, "loss=nan"), config, uses_sampler=True, buffer_chains=40
+    )
+    assert config.to_dict() == before and plan.config is not None and plan.config.optim.lr == config.optim.lr / 2
+    assert plan.step == 7 and torch.equal(plan.state["weights"], torch.ones(2))
+    assert plan.restart_chains == 10 and plan.chain_seed == config.train.seed + 1_000_003
+    assert plan.event["changes"]["buffer_chains_restarted"] == [0, 10] and recovery.history == [plan.event]
+
+
+def test_buffer_reset_restarts_the_requested_chains():
     init = build_initializer("uniform", (1, 4, 4))
     buffer = ReplayBuffer(40, (1, 4, 4), init, generator=torch.Generator().manual_seed(0))
     buffer.images.fill_(5.0)  # a value no initialiser produces
-    n = reset_buffer_fraction(buffer, 0.25, torch.Generator().manual_seed(1))
+    restart_chains(buffer, 10, torch.Generator().manual_seed(1))
     restarted = (buffer.images != 5.0).flatten(1).all(1)
-    assert n == 10 and int(restarted.sum()) == 10
+    assert int(restarted.sum()) == 10
     assert buffer.images[restarted].abs().max() <= 1
 
 
@@ -403,8 +418,6 @@ def test_source_never_unpickles_untrusted_files():
 
 
 def test_gap_drift_warning_fires_once_per_doubling_and_not_on_healthy_gaps():
-    from jemlab.training.recovery import GapDriftMonitor
-
     # logged gaps of real runs: a healthy default-preset run, the 60-minute default run whose replay buffer
     # collapsed between minutes 22 and 27 (every 2,500 steps), and the MLP preset's first minute (short-run chains
     # from noise: a large gap at the start that closes)
@@ -428,8 +441,6 @@ def test_gap_drift_warning_fires_once_per_doubling_and_not_on_healthy_gaps():
 
 
 def test_gap_drift_warning_reaches_the_log_and_metrics(tmp_path, tiny_config_overrides, monkeypatch):
-    from jemlab.training.recovery import GapDriftMonitor
-
     class Armed(GapDriftMonitor):  # as if the gap had been below the level before: any logged gap above it warns
         def __init__(self, level: float) -> None:
             super().__init__(level)

@@ -524,7 +524,7 @@ def _say(message: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from jemlab.data import load_dataset
     from jemlab.run import load_run
-    from jemlab.training.loop import evaluate_split
+    from jemlab.training.evaluate import evaluate_split
 
     full = args.all or args.parts is not None
     if full and args.report is None:

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from jemlab.config import Config, config_from_dict
+from jemlab.device import resolve_device
 from jemlab.errors import CheckpointError
 from jemlab.models import EnergyModel, build_model
 from jemlab.samplers import ReplayBuffer
 from jemlab.samplers.init import Initializer, initializer_from_config
 from jemlab.training.checkpoint import load_checkpoint, resolve_checkpoint
-from jemlab.training.loop import resolve_device
 
 
 @dataclass

@@ -35,7 +35,7 @@ from jemlab.evaluation.suite import SampleFn, SuiteOptions, run_suite
 from jemlab.generate import generate
 from jemlab.run import LoadedRun
 from jemlab.sampling import frozen
-from jemlab.training.loop import evaluate_split
+from jemlab.training.evaluate import evaluate_split
 
 __all__ = [
     "OOD_PARTNERS",

@@ -13,69 +13,90 @@ from the run seed, the step and the rank (the old per-rank streams have no meani
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from jemlab.distributed import rescale_batcher_state
+from jemlab.distributed import DistEnv, RankBatcher, rescale_batcher_state
+from jemlab.samplers import ReplayBuffer
 from jemlab.samplers.buffer_shards import gather_buffer, load_buffer_shard
-
-if TYPE_CHECKING:
-    from jemlab.training.loop import Trainer
 
 _RNG_KEYS = ("torch", "cpu_generator", "noise_generator")
 
 
-def checkpoint_state(trainer: Trainer) -> dict[str, Any]:
-    """The trainer's state for a checkpoint; with several processes a collective that every rank must call."""
-    state = trainer.state_dict()
-    env = trainer.dist
+def checkpoint_state(
+    state: dict[str, Any], env: DistEnv, buffer: ReplayBuffer | None, buffer_size: int, step: int
+) -> dict[str, Any]:
+    """A trainer's state for a checkpoint; with several processes a collective that every rank must call.
+
+    Args:
+        state: this rank's state (``Trainer.state_dict``).
+        env: the process group.
+        buffer: this rank's replay-buffer shard (None: the run keeps no buffer).
+        buffer_size: the whole buffer's size (``sampler.buffer_size``).
+        step: the iteration (seeds the fill of slots that no shard holds).
+
+    Returns:
+        `state` itself with one process; else a copy with the whole buffer and every rank's generators.
+    """
     if not env.active:
         return state
-    if trainer.buffer is not None:
-        fill = torch.Generator().manual_seed(trainer.step)  # for slots no shard holds (buffer_size % world)
-        state["buffer"] = gather_buffer(trainer.buffer, env, trainer.config.sampler.buffer_size, fill)
+    if buffer is not None:
+        fill = torch.Generator().manual_seed(step)  # for slots no shard holds (buffer_size % world)
+        state["buffer"] = gather_buffer(buffer, env, buffer_size, fill)
     rng = dict(state["rng"])
     rng["ranks"] = {key: torch.cat(env.all_gather(rng[key].reshape(1, -1))) for key in _RNG_KEYS}  # (world, n)
     state["rng"] = rng
     return state
 
 
-def local_state(trainer: Trainer, state: dict[str, Any], meta: dict[str, Any]) -> tuple[dict[str, Any], int]:
+def local_state(
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    *,
+    env: DistEnv,
+    buffer: ReplayBuffer | None,
+    batcher: RankBatcher,
+    seed: int,
+    device: torch.device,
+) -> tuple[dict[str, Any], int]:
     """This rank's part of a checkpoint's state, and the step to continue from.
 
-    Loads the buffer shard into ``trainer.buffer`` itself (the returned state then has no buffer).
+    Loads the buffer shard into `buffer` itself (the returned state then has no buffer).
 
     Args:
-        trainer: the trainer to resume (its `dist`, buffer shard and batcher are set up).
         state: the checkpoint's state.
         meta: the checkpoint's metadata (``world_size``: processes that wrote it, 1 when absent).
+        env: this run's process group.
+        buffer: this rank's (empty) replay-buffer shard, or None.
+        batcher: this run's batcher (its global batch size and batches per epoch).
+        seed: the run seed (``train.seed``), for generators that cannot be carried over.
+        device: the training device (of the noise generator).
 
     Returns:
         (state for `Trainer.load_state_dict`, step).
     """
-    env = trainer.dist
     saved_world = int(meta.get("world_size", 1))
     step = int(meta["progress"]["step"])
     if saved_world == 1 and not env.active:
         return state, step  # one process to one process: exactly what was saved
     state = dict(state)
-    if trainer.buffer is not None and state.get("buffer") is not None:
-        load_buffer_shard(trainer.buffer, state["buffer"], env)
+    if buffer is not None and state.get("buffer") is not None:
+        load_buffer_shard(buffer, state["buffer"], env)
         state["buffer"] = None
-    batcher = rescale_batcher_state(state["batcher"], trainer.batcher.batch_size)
-    if batcher is not state["batcher"]:  # another global batch size: count steps in the new batches
-        epoch, position = int(batcher["epoch"]), int(batcher["position"])
-        step = 0 if epoch == 0 else (epoch - 1) * len(trainer.batcher) + position
-    state["batcher"] = batcher
+    rescaled = rescale_batcher_state(state["batcher"], batcher.batch_size)
+    if rescaled is not state["batcher"]:  # another global batch size: count steps in the new batches
+        epoch, position = int(rescaled["epoch"]), int(rescaled["position"])
+        step = 0 if epoch == 0 else (epoch - 1) * len(batcher) + position
+    state["batcher"] = rescaled
     ranks = state["rng"].get("ranks")
     if saved_world == env.world_size and ranks is not None:
         state["rng"] = {key: ranks[key][env.rank].clone() for key in _RNG_KEYS}
     else:
-        base = trainer.config.train.seed + 7919 * (step + 1)
+        base = seed + 7919 * (step + 1)
         state["rng"] = {
             "torch": torch.Generator().manual_seed(env.seed(base)).get_state(),
             "cpu_generator": torch.Generator().manual_seed(env.seed(base + 1)).get_state(),
-            "noise_generator": torch.Generator(device=trainer.device).manual_seed(env.seed(base + 2)).get_state(),
+            "noise_generator": torch.Generator(device=device).manual_seed(env.seed(base + 2)).get_state(),
         }
     return state, step

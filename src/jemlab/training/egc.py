@@ -1,26 +1,26 @@
 """The EGC side of the Trainer (SPEC S5): one optimisation step of the EGC loss, and the EMA weights.
 
-`Trainer` holds one `EGCTraining` when ``objective.name=egc`` and hands it each batch; everything else (data, the
-optimiser and its schedule, divergence recovery, checkpoints, logging, evaluation) is the Trainer's own. There is
-no replay buffer and no SGLD: the objective draws its timesteps and noise from the Trainer's noise generator, which
-the checkpoints already carry, so a resumed run repeats the same draws.
+`Trainer` holds one `EGCTraining` when ``objective.name=egc`` and hands it each batch together with what the step
+works on (model, optimizer, noise generator, process group, divergence detector, config, iteration); everything
+else (data, divergence recovery, checkpoints, logging, evaluation) is the Trainer's own. There is no replay buffer
+and no SGLD: the objective draws its timesteps and noise from the Trainer's noise generator, which the checkpoints
+already carry, so a resumed run repeats the same draws.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from jemlab.accel import AUTOCAST_DTYPES, choose_precision
 from jemlab.config import Config
+from jemlab.distributed import DistEnv
 from jemlab.generate.egc import schedule_from_config
 from jemlab.objectives import EGCWeights, egc_loss
+from jemlab.training.divergence import DivergenceDetector, raise_if_diverged
 from jemlab.training.ema import EMA
-from jemlab.training.recovery import gradient_norm
-
-if TYPE_CHECKING:
-    from jemlab.training.loop import Trainer
+from jemlab.training.optim import gradient_norm, learning_rate, set_learning_rate
 
 
 class EGCTraining:
@@ -37,35 +37,56 @@ class EGCTraining:
         self.weights = EGCWeights(
             gamma=e.gamma, gamma_clean=e.gamma_clean, label_smoothing=e.label_smoothing, label_dropout=e.label_dropout
         )
-        device = next(model.parameters()).device
-        self.autocast_dtype = AUTOCAST_DTYPES[choose_precision(e.precision, device, "egc.precision").value]
+        self.device = next(model.parameters()).device  # the training device: batches move there
+        self.autocast_dtype = AUTOCAST_DTYPES[choose_precision(e.precision, self.device, "egc.precision").value]
         self.ema = EMA(model, e.ema, warmup=e.ema_warmup)
 
-    def train_step(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
-        """One step: learning rate, EGC loss, divergence checks, backward, clip, update, EMA."""
-        from jemlab.training.loop import learning_rate  # local: loop imports this module
+    def train_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        env: DistEnv,
+        detector: DivergenceDetector,
+        config: Config,
+        step: int,
+        epoch: int,
+    ) -> dict[str, float]:
+        """One step: learning rate, EGC loss, divergence checks, backward, clip, update, EMA.
 
-        cfg = trainer.config
-        x, y = x.to(trainer.device), y.to(trainer.device)
-        lr = learning_rate(cfg, trainer.step, epoch)
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = lr
-        trainer.model.train()
-        loss, loss_stats = egc_loss(
-            trainer.model, self.schedule, x, y, self.weights, trainer.noise_generator, self.autocast_dtype
-        )
+        Args:
+            x, y: the batch (this rank's part).
+            model: the network being trained (updated in place, then averaged into the EMA).
+            optimizer: its optimizer.
+            generator: the random source of the timesteps, noise and label dropout (on the training device).
+            env: the process group (statistics and gradients are averaged over ranks).
+            detector: checks the statistics and the gradient norm; raises `DivergenceDetected` before the update.
+            config: the run's config now (learning rate and gradient clip).
+            step: iterations done so far (0-based index of this one).
+            epoch: the epoch this iteration belongs to (0-based).
+
+        Returns:
+            The iteration's statistics (learning rate, loss terms, gradient norm).
+        """
+        x, y = x.to(self.device), y.to(self.device)
+        lr = learning_rate(config, step, epoch)
+        set_learning_rate(optimizer, lr)
+        model.train()
+        loss, loss_stats = egc_loss(model, self.schedule, x, y, self.weights, generator, self.autocast_dtype)
         # Averaged over ranks before any check reads them (identity with one process): all ranks decide alike.
-        stats = {"lr": lr, **trainer.dist.mean({k: float(v) for k, v in loss_stats.items()})}
-        trainer.check_divergence(stats)
-        trainer.optimizer.zero_grad(set_to_none=True)
+        stats = {"lr": lr, **env.mean({k: float(v) for k, v in loss_stats.items()})}
+        raise_if_diverged(detector.check_step(step + 1, stats))
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for p in trainer.model.parameters() if p.requires_grad]
-        trainer.dist.average_gradients(params)  # several processes: the mean gradient, as DDP would give
-        stats["grad_norm"] = gradient_norm(params, cfg.optim.grad_clip)  # before clipping
-        trainer.check_gradients(stats["grad_norm"])
-        trainer.optimizer.step()
-        self.ema.update(trainer.model)
-        trainer.step += 1
+        params = [p for p in model.parameters() if p.requires_grad]
+        env.average_gradients(params)  # several processes: the mean gradient, as DDP would give
+        stats["grad_norm"] = gradient_norm(params, config.optim.grad_clip)  # before clipping
+        raise_if_diverged(detector.check_gradients(step + 1, stats["grad_norm"]))
+        optimizer.step()
+        self.ema.update(model)
         return stats
 
     def state_dict(self) -> dict[str, Any]:

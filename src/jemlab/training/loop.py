@@ -2,15 +2,17 @@
 
 `Trainer.fit` reads top to bottom in stages: set-up, resume, then per iteration (batch → negatives → loss → step →
 log), per epoch (validate → samples → checkpoint), and the end (final checkpoint, test metrics, sample grids).
+The other modules of this package each hold one part and never see the Trainer: they take what they work on as
+arguments and return what changes (the recovery plan, this rank's checkpoint state, an EGC step's statistics).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,14 @@ from jemlab import distributed
 from jemlab.accel import AUTOCAST_DTYPES, Choice
 from jemlab.allocator import allocator_status
 from jemlab.config import Config, validate_config
-from jemlab.data import ArrayDataset, DatasetSplits, load_dataset
+from jemlab.data import DatasetSplits, load_dataset
 from jemlab.data.augment import augment
-from jemlab.errors import CheckpointError, ConfigError, DivergenceError
+from jemlab.errors import CheckpointError, DivergenceError
+from jemlab.generate import generate
 from jemlab.images import save_grid
 from jemlab.models import EnergyModel, build_model
 from jemlab.objectives import JEMWeights, jem_loss
+from jemlab.provenance import git_sha
 from jemlab.samplers import ReplayBuffer
 from jemlab.samplers.buffer_shards import shard_capacity
 from jemlab.samplers.init import initializer_from_config, initializer_state
@@ -40,84 +44,15 @@ from jemlab.training.checkpoint import (
 )
 from jemlab.training.choices import hardware_record, header_lines, run_choices
 from jemlab.training.distributed_state import checkpoint_state, local_state
+from jemlab.training.divergence import DivergenceDetected, DivergenceSignal, raise_if_diverged
+from jemlab.training.egc import EGCTraining
+from jemlab.training.evaluate import evaluate_split
+from jemlab.training.gap_drift import GapDriftMonitor
 from jemlab.training.logging import MetricsWriter, progress_bar, setup_logger
-from jemlab.training.recovery import (
-    DivergenceDetected,
-    GapDriftMonitor,
-    Recovery,
-    StopRequest,
-    gradient_norm,
-    trim_metrics,
-)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; an explicit CUDA device without CUDA is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but this torch build sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
-
-
-def git_sha() -> str | None:
-    """The current commit of the jemlab checkout, if it is one (recorded with every run)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    opt = config.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    if opt.name == "adam":
-        return torch.optim.Adam(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-    if opt.name == "adamw":
-        return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-    return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
-
-
-def learning_rate(config: Config, step: int, epoch: int) -> float:
-    """Learning rate at iteration `step` (0-based) in epoch `epoch` (0-based): linear warm-up × schedule."""
-    opt = config.optim
-    lr = opt.lr
-    if opt.warmup_steps > 0:
-        lr *= min(1.0, (step + 1) / opt.warmup_steps)
-    if opt.schedule == "step":
-        lr *= opt.gamma ** (epoch // opt.step_epochs)
-    elif opt.schedule == "multistep":
-        lr *= opt.gamma ** sum(epoch >= m for m in opt.milestones)
-    elif opt.schedule == "cosine":
-        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, epoch / config.train.epochs)))
-    return lr
-
-
-@torch.no_grad()
-def evaluate_split(
-    model: EnergyModel, data: ArrayDataset, device: torch.device, prefix: str, batch_size: int = 500
-) -> dict[str, float]:
-    """Mean cross-entropy (`<prefix>_nll`) and accuracy (`<prefix>_accuracy`, a fraction) of the classifier."""
-    if len(data) == 0:
-        return {}
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
-        logits = model.logits(x.to(device)).float()
-        y = y.to(device)
-        total_loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    model.train(was_training)
-    return {f"{prefix}_nll": total_loss / len(data), f"{prefix}_accuracy": correct / len(data)}
+from jemlab.training.metrics_file import count_lines, lines_at_checkpoint, trim_metrics
+from jemlab.training.optim import build_optimizer, gradient_norm, learning_rate, set_learning_rate
+from jemlab.training.recovery import Recovery, RecoveryPlan, restart_chains
+from jemlab.training.stop_request import StopRequest
 
 
 class Trainer:
@@ -131,7 +66,7 @@ class Trainer:
 
     def __init__(self, config: Config, run_dir: str | Path | None, splits: DatasetSplits | None = None):
         validate_config(config)
-        self.config = config
+        self.config = config  # replaced (never edited) when a recovery changes settings; checkpoints save it
         self.run_dir = Path(run_dir) if run_dir is not None else None
         t = config.train
         if t.threads is not None:
@@ -142,28 +77,12 @@ class Trainer:
         torch.manual_seed(t.seed)  # model initialisation (the same on every rank)
 
         # Data: held in memory, batched by index with the batcher's own generator.
-        d = config.data
-        self.splits = splits or load_dataset(
-            d.dataset,
-            d.data_dir,
-            val_size=d.val_size,
-            seed=t.seed,
-            download=d.download,
-            limit=d.limit,
-        )
+        self.splits = splits or _load_splits(config)
         # One shuffle shared by all ranks; each takes its block of batch_size images from every global batch.
         self.batcher = distributed.RankBatcher(self.splits.train, t.batch_size, seed=t.seed, env=self.dist)
 
-        # Network.
-        self.model: EnergyModel = build_model(
-            config.model.name,
-            self.splits.image_shape,
-            self.splits.num_classes,
-            config.model.energy_head,
-            config.model.options,
-        ).to(self.device)
-        if t.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # Network and optimizer.
+        self.model: EnergyModel = _build_network(config, self.splits, self.device)
         self.optimizer = build_optimizer(self.model, config)
         # The training loss runs through DDP with several processes (one gradient all-reduce per step); sampling,
         # evaluation and samples use self.model directly.
@@ -174,50 +93,48 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         if self.dist.active:
             torch.manual_seed(self.dist.seed(t.seed))  # per-rank global random stream after the shared init
-        self.weights = JEMWeights(
-            ce=config.objective.ce,
-            px=config.objective.px,
-            pxy=config.objective.pxy,
-            energy_l2=config.objective.energy_l2,
-        )
+        o = config.objective
+        self.weights = JEMWeights(ce=o.ce, px=o.px, pxy=o.pxy, energy_l2=o.energy_l2)
 
         # Sampler state: the replay buffer (CPU) and two random sources, one for buffer draws and one for the
         # Langevin and input noise on the training device. Each is seeded from the run seed.
-        s = config.sampler
         self.cpu_generator = torch.Generator().manual_seed(self.dist.seed(t.seed + 1))
         self.noise_generator = torch.Generator(device=self.device).manual_seed(self.dist.seed(t.seed + 2))
         # The chain initialiser; a data-fitted one (JEM++ class Gaussians) is fitted here and saved in checkpoints.
         self.init = initializer_from_config(
-            s, self.splits.image_shape, data=self.splits.train, num_classes=self.splits.num_classes
+            config.sampler, self.splits.image_shape, data=self.splits.train, num_classes=self.splits.num_classes
         )
-        self.buffer: ReplayBuffer | None = None
-        if s.persistent and (self.weights.px > 0 or self.weights.pxy > 0):
-            self.buffer = ReplayBuffer(
-                shard_capacity(s.buffer_size, self.dist),  # this rank's shard (all of it with one process)
-                self.splits.image_shape,
-                self.init,
-                reinit_prob=s.reinit_prob,
-                mode=s.buffer_mode,
-                num_classes=self.splits.num_classes,
-                class_conditional=s.class_conditional,
-                initial_size=s.batch_size or t.batch_size,
-                generator=self.cpu_generator,
-            )
+        self.buffer: ReplayBuffer | None = self._build_buffer()
 
         # EGC (SPEC S5, objective.name=egc): its loss step and EMA weights live in training/egc.py.
-        self.egc = None
-        if config.objective.name == "egc":
-            from jemlab.training.egc import EGCTraining
-
-            self.egc = EGCTraining(config, self.model)
+        self.egc = EGCTraining(config, self.model) if o.name == "egc" else None
 
         self.step = 0
         self.elapsed = 0.0  # training seconds, carried over on resume
 
         # Divergence watch (recovery.py): detectors on the live diagnostics, the last healthy state in memory, and
-        # the recovery policy, which changes `config` in place so that checkpoints carry the changed values.
+        # the recovery policy, whose plan (a new config among it) `_recover` applies.
         self.recovery = Recovery(config, self.splits.num_classes)
         self.metrics_lines = 0  # lines of run_dir/metrics.jsonl written so far (recorded in checkpoints)
+        self._writer: MetricsWriter | None = None  # metrics.jsonl while `fit` runs (rank 0 with a run_dir)
+        self._log = logging.getLogger("jemlab")  # set up by `fit`
+
+    def _build_buffer(self) -> ReplayBuffer | None:
+        """This rank's replay buffer when the run keeps persistent chains for p(x) or p(x|y), else None."""
+        s, t = self.config.sampler, self.config.train
+        if not (s.persistent and self.uses_sampler):
+            return None
+        return ReplayBuffer(
+            shard_capacity(s.buffer_size, self.dist),  # this rank's shard (all of it with one process)
+            self.splits.image_shape,
+            self.init,
+            reinit_prob=s.reinit_prob,
+            mode=s.buffer_mode,
+            num_classes=self.splits.num_classes,
+            class_conditional=s.class_conditional,
+            initial_size=s.batch_size or t.batch_size,
+            generator=self.cpu_generator,
+        )
 
     # --- state ---------------------------------------------------------------------------------------------------
 
@@ -225,6 +142,11 @@ class Trainer:
     def eval_model(self) -> torch.nn.Module:
         """The weights to evaluate and sample with: the EMA for EGC, else the live model."""
         return self.model if self.egc is None else self.egc.ema.model
+
+    @property
+    def uses_sampler(self) -> bool:
+        """The objective has a p(x) or p(x|y) term: the run draws SGLD samples."""
+        return self.weights.px > 0 or self.weights.pxy > 0
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run exactly (this rank's part; `save` gathers all ranks')."""
@@ -268,7 +190,8 @@ class Trainer:
         """Write a checkpoint into the run directory (atomic; keeps the newest few)."""
         if self.run_dir is None:
             return None
-        state = checkpoint_state(self)  # with several processes: gathers every rank's buffer shard and generators
+        # With several processes: gathers every rank's buffer shard and generators (a collective).
+        state = checkpoint_state(self.state_dict(), self.dist, self.buffer, self.config.sampler.buffer_size, self.step)
         if not self.dist.is_main:
             return None
         meta = {"config": self.config.to_dict(), "progress": self.progress(), "git_sha": git_sha()}
@@ -293,7 +216,16 @@ class Trainer:
         """Load a checkpoint of this run (same config) and continue from its next iteration."""
         state, meta = load_checkpoint(path)
         try:
-            state, step = local_state(self, state, meta)  # this rank's part, for any number of processes
+            # This rank's part, for any number of processes.
+            state, step = local_state(
+                state,
+                meta,
+                env=self.dist,
+                buffer=self.buffer,
+                batcher=self.batcher,
+                seed=self.config.train.seed,
+                device=self.device,
+            )
             self.load_state_dict(state)
             progress = meta["progress"]
             self.step = step
@@ -340,14 +272,13 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
         """One optimisation step on a batch: negatives, loss, backward, update."""
         if self.egc is not None:
-            return self.egc.train_step(self, x, y, epoch)
+            return self._egc_step(x, y, epoch)
         cfg = self.config
         x, y = x.to(self.device), y.to(self.device)
         if cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         lr = learning_rate(cfg, self.step, epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         n_neg = cfg.sampler.batch_size or len(x)
         stats: dict[str, float] = {"lr": lr}
         x_model = None
@@ -366,7 +297,7 @@ class Trainer:
         if cfg.data.augment != "none":
             x_plain = x
             x = augment(x, cfg.data.augment, self.noise_generator)
-            if cfg.data.augment_px == "none" and (self.weights.px > 0 or self.weights.pxy > 0):
+            if cfg.data.augment_px == "none" and self.uses_sampler:
                 x_px = x_plain
         if cfg.objective.input_noise > 0:
             noise = torch.randn(x.shape, generator=self.noise_generator, device=x.device)
@@ -406,6 +337,24 @@ class Trainer:
         self.step += 1
         return stats
 
+    def _egc_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
+        """EGC (objective.name=egc): one step of the EGC loss (training/egc.py) on this trainer's parts."""
+        assert self.egc is not None
+        stats = self.egc.train_step(
+            x,
+            y,
+            model=self.model,
+            optimizer=self.optimizer,
+            generator=self.noise_generator,
+            env=self.dist,
+            detector=self.recovery.detector,
+            config=self.config,
+            step=self.step,
+            epoch=epoch,
+        )
+        self.step += 1
+        return stats
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for the training loss (train.precision): autocast to bf16 or fp16, or nothing."""
         dtype = AUTOCAST_DTYPES[self.precision]
@@ -416,16 +365,58 @@ class Trainer:
     def check_divergence(self, stats: dict[str, float], x_model: torch.Tensor | None = None) -> None:
         """Raise `DivergenceDetected` (a DivergenceError) with a named reason before a non-finite or exploding loss
         reaches the weights: non-finite values, |energy| beyond train.max_abs_energy, an exploding or collapsing
-        energy gap, an exploding SGLD gradient (see recovery.REASONS)."""
-        signal = self.recovery.detector.check_step(self.step + 1, stats, x_model)
-        if signal is not None:
-            raise DivergenceDetected(signal)
+        energy gap, an exploding SGLD gradient (see divergence.REASONS)."""
+        raise_if_diverged(self.recovery.detector.check_step(self.step + 1, stats, x_model))
 
     def check_gradients(self, grad_norm: float) -> None:
         """Raise `DivergenceDetected` when a parameter gradient is not finite (before the optimizer step)."""
-        signal = self.recovery.detector.check_gradients(self.step + 1, grad_norm)
-        if signal is not None:
-            raise DivergenceDetected(signal)
+        raise_if_diverged(self.recovery.detector.check_gradients(self.step + 1, grad_norm))
+
+    # --- healthy snapshots and recovery --------------------------------------------------------------------------
+
+    def _take_snapshot(self, force: bool = False) -> None:
+        self.recovery.take_snapshot(self.step, self.state_dict, force=force)
+
+    def _roll_back(self) -> None:
+        """Back to the last healthy snapshot, exactly (model, optimizer, buffer, batcher, generators, detector)."""
+        self.step, state = self.recovery.restore_snapshot()
+        self.load_state_dict(state)
+
+    def _recover(self, signal: DivergenceSignal) -> str | None:
+        """Roll back and apply the recovery plan; log it. Returns the error to stop with when recovery gives up."""
+        plan = self.recovery.recover(
+            signal,
+            self.config,
+            uses_sampler=self.uses_sampler,
+            buffer_chains=None if self.buffer is None else len(self.buffer),
+        )
+        self.load_state_dict(plan.state)
+        self.step = plan.step
+        if plan.config is not None:
+            self._apply(plan)
+        event = plan.event
+        self._emit({**event, "elapsed_s": self.elapsed})
+        if event["event"] == "diverged":
+            self._log.error(event["error"])
+            return event["error"]
+        self._log.warning(
+            f"divergence: {signal.describe()}; rolled back to step {self.step}, recovery "
+            f"{event['attempt']}/{self.config.recovery.max_retries}: "
+            + ", ".join(f"{k} {old}->{new}" for k, (old, new) in event["changes"].items())
+        )
+        return None
+
+    def _apply(self, plan: RecoveryPlan) -> None:
+        """The recovery policy's changes: the new config (so checkpoints carry it), chain seed, restarted chains."""
+        assert plan.config is not None
+        self.config = plan.config
+        self.weights = dataclasses.replace(self.weights, energy_l2=plan.config.objective.energy_l2)
+        if plan.chain_seed is not None:
+            # Per rank with several processes (base * world + rank), so the ranks' chains stay independent.
+            self.cpu_generator.manual_seed(self.dist.seed(plan.chain_seed))
+            self.noise_generator.manual_seed(self.dist.seed(plan.chain_seed + 1))
+        if self.buffer is not None:
+            restart_chains(self.buffer, plan.restart_chains, self.cpu_generator)
 
     # --- evaluation and samples ----------------------------------------------------------------------------------
 
@@ -441,10 +432,8 @@ class Trainer:
 
     def sample_grids(self, tag: str) -> list[Path]:
         """Save the current negatives (unconditional) and one row of conditional samples per class."""
-        if self.run_dir is None or (self.weights.px == 0 and self.weights.pxy == 0 and self.egc is None):
+        if self.run_dir is None or (not self.uses_sampler and self.egc is None):
             return []
-        from jemlab.generate import generate
-
         out = self.run_dir / "samples"
         paths = []
         gen = torch.Generator(device=self.device).manual_seed(self.config.train.seed + 3)
@@ -479,63 +468,79 @@ class Trainer:
             return self._fit(stop, resume_from, log_file)
 
     def _fit(self, stop: StopRequest, resume_from: str | Path | None, log_file: str | Path | None) -> dict[str, Any]:
-        cfg, t = self.config, self.config.train
-        # Rank 0 writes every file (logs, metrics, checkpoints, samples); the other ranks only print warnings.
+        # Logs: rank 0 writes every file (logs, metrics, checkpoints, samples); the other ranks only print warnings.
         main = self.dist.is_main
-        log = setup_logger(self.run_dir if main else None, extra_file=log_file if main else None)
+        self._log = setup_logger(self.run_dir if main else None, extra_file=log_file if main else None)
         if not main:
-            log.setLevel(logging.WARNING)
-
-        # Resume: model, optimizer, buffer, batcher position and RNG states continue exactly; metrics.jsonl is cut
-        # back to what it held at the checkpoint, so that iterations logged after it (by a killed run) and logged
-        # again now do not appear twice.
+            self._log.setLevel(logging.WARNING)
+        # Resume: model, optimizer, buffer, batcher position and RNG states continue exactly.
         if resume_from is not None:
-            meta = self.resume(resume_from)
-            own_checkpoint = (
-                main
-                and self.run_dir is not None
-                and (resolve_checkpoint(resume_from).resolve().parent == (self.run_dir / "checkpoints").resolve())
-            )
-            if own_checkpoint:
-                metrics = self.run_dir / "metrics.jsonl"
-                trim_metrics(metrics, _metrics_lines_at(metrics, meta.get("metrics_lines")), self.step)
-                remove_stale_temporaries(self.run_dir / "checkpoints")
-            log.info(f"resumed from {resume_from} at step {self.step}, epoch {self.batcher.epoch}")
-        writer = None
-        if self.run_dir is not None and main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.run_dir / "config.json", (cfg.to_json() + "\n").encode())
-            self.metrics_lines = _count_lines(self.run_dir / "metrics.jsonl")
-            writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard)
+            self._resume_run(resume_from)
+        # Run folder: config.json and metrics.jsonl; then the header (settings and hardware choices).
+        self._open_run_dir()
+        self._log_header()
+        # Iterations until the end of training, a stop or a divergence that is not recovered from.
+        stop_reason, failure = self._train(stop)
+        # End: final checkpoint, metrics on val and test, sample grids.
+        return self._finish(stop_reason, failure)
 
-        def emit(record: dict[str, Any]) -> None:
-            if writer:
-                writer.write(record)
-                self.metrics_lines += 1
+    def _resume_run(self, resume_from: str | Path) -> None:
+        """Resume, and cut metrics.jsonl back to what it held at the checkpoint, so that iterations logged after it
+        (by a killed run) and logged again now do not appear twice."""
+        meta = self.resume(resume_from)
+        own_checkpoint = (
+            self.dist.is_main
+            and self.run_dir is not None
+            and (resolve_checkpoint(resume_from).resolve().parent == (self.run_dir / "checkpoints").resolve())
+        )
+        if own_checkpoint:
+            metrics = self.run_dir / "metrics.jsonl"
+            trim_metrics(metrics, lines_at_checkpoint(metrics, meta.get("metrics_lines")), self.step)
+            remove_stale_temporaries(self.run_dir / "checkpoints")
+        self._log.info(f"resumed from {resume_from} at step {self.step}, epoch {self.batcher.epoch}")
 
-        steps_per_epoch = len(self.batcher)
-        total_steps = steps_per_epoch * t.epochs
+    def _open_run_dir(self) -> None:
+        """Rank 0 with a run directory: write config.json and open metrics.jsonl for appending."""
+        if self.run_dir is None or not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.run_dir / "config.json", (self.config.to_json() + "\n").encode())
+        self.metrics_lines = count_lines(self.run_dir / "metrics.jsonl")
+        self._writer = MetricsWriter(self.run_dir, tensorboard=self.config.train.tensorboard)
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl (nothing without a run directory or on ranks other than 0)."""
+        if self._writer is not None:
+            self._writer.write(record)
+            self.metrics_lines += 1
+
+    def _log_header(self) -> None:
+        cfg, t = self.config, self.config.train
         budget = None if t.minutes is None else t.minutes * 60.0
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info(
+        self._log.info(
             f"jemlab: preset={cfg.preset} dataset={self.splits.name} model={cfg.model.name} "
             f"({n_params / 1e6:.2f}M params) device={self.device} threads={torch.get_num_threads()} "
             f"processes={self.dist.world_size} malloc={'tuned' if allocator_status()['tuned'] else 'default'} "
-            f"train={len(self.splits.train)} val={len(self.splits.val)} steps/epoch={steps_per_epoch} "
+            f"train={len(self.splits.train)} val={len(self.splits.val)} steps/epoch={len(self.batcher)} "
             f"budget={'none' if budget is None else f'{t.minutes:g} min'} run_dir={self.run_dir}"
         )
         for line in header_lines(self.choices, self.device):
-            log.info(line)
+            self._log.info(line)
 
+    def _train(self, stop: StopRequest) -> tuple[str, str | None]:
+        """The iterations. Returns the stop reason and, when recovery gave up, the error to raise."""
+        t = self.config.train
+        steps_per_epoch = len(self.batcher)
+        total_steps = steps_per_epoch * t.epochs
+        budget = None if t.minutes is None else t.minutes * 60.0
         started = time.monotonic() - self.elapsed
-        last_ckpt = time.monotonic()
-        window: dict[str, float] = {}
-        window_count, window_start = 0, time.monotonic()
-        stop_reason = "epochs"
-        failure: str | None = None
-        self.recovery.take_snapshot(self, force=True)  # the healthy state to roll back to until the next snapshot
+        last_checkpoint = time.monotonic()
+        window = _LogWindow()
+        stop_reason, failure = "epochs", None
+        self._take_snapshot(force=True)  # the healthy state to roll back to until the next snapshot
         bar = progress_bar(total_steps, t.progress, initial=self.step)
-        gap_monitor = GapDriftMonitor(cfg.recovery.gap_warning)  # slow drift of the energy gap: a warning only
+        gap_monitor = GapDriftMonitor(self.config.recovery.gap_warning)  # slow drift of the energy gap: a warning
         try:
             while self.step < total_steps:
                 # Batch (the batcher rolls over to a new epoch by itself).
@@ -546,89 +551,45 @@ class Trainer:
                 except DivergenceDetected as err:
                     # Divergence: back to the last healthy snapshot, with the recovery policy's changes applied;
                     # or, with recovery off or out of retries, stop from that healthy state with a clear error.
-                    event = self.recovery.recover(self, err.signal)
-                    emit({**event, "elapsed_s": self.elapsed})
-                    if event["event"] == "diverged":
-                        log.error(event["error"])
-                        stop_reason, failure = "diverged", event["error"]
+                    failure = self._recover(err.signal)
+                    if failure is not None:
+                        stop_reason = "diverged"
                         break
-                    log.warning(
-                        f"divergence: {err.signal.describe()}; rolled back to step {self.step}, recovery "
-                        f"{event['attempt']}/{cfg.recovery.max_retries}: "
-                        + ", ".join(f"{k} {old}->{new}" for k, (old, new) in event["changes"].items())
-                    )
                     bar.n = self.step
                     bar.refresh()
-                    window, window_count, window_start = {}, 0, time.monotonic()
+                    window.reset(time.monotonic())
                     continue
                 self.elapsed = time.monotonic() - started
                 bar.update(1)
-                for k, v in stats.items():
-                    window[k] = window.get(k, 0.0) + v
-                window_count += 1
+                window.add(stats)
 
                 # Log line with live diagnostics.
                 if self.step % t.log_every == 0:
-                    now = time.monotonic()
-                    record = {
-                        "step": self.step,
-                        "epoch": self.step / steps_per_epoch,
-                        "elapsed_s": self.elapsed,
-                    }
-                    record.update({k: v / window_count for k, v in window.items()})
-                    record["it_per_s"] = window_count / max(now - window_start, 1e-9)
-                    record.update(_throughput(record, t.batch_size * self.dist.world_size, self.dist.world_size))
-                    if self.buffer is not None:
-                        record["buffer_mean"] = float(self.buffer.images.mean())
-                        record["buffer_std"] = float(self.buffer.images.std())
-                    emit(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
-                    log.info(_format_record(record))
-                    if "cd" in record:  # a slowly opening energy gap: warn, do not roll back (recovery.gap_warning)
-                        warning = gap_monitor.check(record["cd"])
-                        if warning is not None:
-                            log.warning(f"step {self.step}: {warning}")
-                            emit({"step": self.step, "event": "warning", "reason": "energy_gap_drift",
-                                  "cd": record["cd"], "message": warning, "elapsed_s": self.elapsed})  # fmt: skip
-                    window, window_count, window_start = {}, 0, now
+                    self._log_iteration(window, bar, gap_monitor)
 
                 # End of epoch: validate, samples, checkpoint (every checkpoint is also a healthy snapshot).
                 # Stop and checkpoint decisions are or-ed over ranks: saving and evaluating are collectives.
                 out_of_time, stop_now, checkpoint_due = self.dist.any(
                     budget is not None and self.elapsed >= budget,
                     stop.reason is not None,
-                    time.monotonic() - last_ckpt > t.checkpoint_minutes * 60,
+                    time.monotonic() - last_checkpoint > t.checkpoint_minutes * 60,
                 )
                 saved = False
                 if self.step % steps_per_epoch == 0:
-                    done_epochs = self.step // steps_per_epoch
-                    val = self.evaluate("val")
-                    record = {
-                        "step": self.step,
-                        "epoch": done_epochs,
-                        "elapsed_s": self.elapsed,
-                        **val,
-                    }
-                    emit(record)
-                    log.info(f"epoch {done_epochs}: " + _format_record(val))
-                    if done_epochs % t.sample_every == 0 and main:
-                        self.sample_grids(f"epoch{done_epochs:03d}")
-                    if done_epochs % t.checkpoint_every == 0 and not out_of_time:
-                        self.save()
-                        saved = True
-                        last_ckpt = time.monotonic()
+                    saved = self._end_of_epoch(self.step // steps_per_epoch, can_save=not out_of_time)
                 elif checkpoint_due:
                     self.save()
                     saved = True
-                    last_ckpt = time.monotonic()
-                if saved or self.step % cfg.recovery.snapshot_every == 0 or self.recovery.snapshot_due:
-                    self.recovery.take_snapshot(self)
+                if saved:
+                    last_checkpoint = time.monotonic()
+                if saved or self.step % self.config.recovery.snapshot_every == 0 or self.recovery.snapshot_due:
+                    self._take_snapshot()
                 if out_of_time:
                     stop_reason = "time budget"
                     break
                 if stop_now:
                     stop_reason = stop.reason or "terminated"  # the signal may have reached another rank only
-                    log.info(f"{stop_reason} at step {self.step}; saving a checkpoint")
+                    self._log.info(f"{stop_reason} at step {self.step}; saving a checkpoint")
                     break
         except KeyboardInterrupt:
             # A second Ctrl-C, possibly half-way through an iteration: save the last healthy snapshot instead.
@@ -636,18 +597,59 @@ class Trainer:
             # last checkpoint stays the run's state).
             if self.dist.active:
                 raise
-            self.recovery.restore_snapshot(self)
+            self._roll_back()
             stop_reason = "interrupted"
-            log.info(f"interrupted; saving the state of step {self.step}")
+            self._log.info(f"interrupted; saving the state of step {self.step}")
         finally:
             bar.close()
+        return stop_reason, failure
 
-        # End: final checkpoint, metrics on val and test, sample grids.
+    def _log_iteration(self, window: _LogWindow, bar: Any, gap_monitor: GapDriftMonitor) -> None:
+        """A log line and metrics.jsonl record with the window's mean statistics; the gap-drift warning."""
+        now = time.monotonic()
+        world = self.dist.world_size
+        record = {
+            "step": self.step,
+            "epoch": self.step / len(self.batcher),
+            "elapsed_s": self.elapsed,
+        }
+        record.update(window.means())
+        record["it_per_s"] = window.count / max(now - window.start, 1e-9)
+        record.update(_throughput(record, self.config.train.batch_size * world, world))
+        if self.buffer is not None:
+            record["buffer_mean"] = float(self.buffer.images.mean())
+            record["buffer_std"] = float(self.buffer.images.std())
+        self._emit(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
+        self._log.info(_format_record(record))
+        if "cd" in record:  # a slowly opening energy gap: warn, do not roll back (recovery.gap_warning)
+            warning = gap_monitor.check(record["cd"])
+            if warning is not None:
+                self._log.warning(f"step {self.step}: {warning}")
+                self._emit({"step": self.step, "event": "warning", "reason": "energy_gap_drift",
+                            "cd": record["cd"], "message": warning, "elapsed_s": self.elapsed})  # fmt: skip
+        window.reset(now)
+
+    def _end_of_epoch(self, done_epochs: int, can_save: bool) -> bool:
+        """Validate, save sample grids and a checkpoint when due. Returns whether a checkpoint was written."""
+        t = self.config.train
+        val = self.evaluate("val")
+        self._emit({"step": self.step, "epoch": done_epochs, "elapsed_s": self.elapsed, **val})
+        self._log.info(f"epoch {done_epochs}: " + _format_record(val))
+        if done_epochs % t.sample_every == 0 and self.dist.is_main:
+            self.sample_grids(f"epoch{done_epochs:03d}")
+        if done_epochs % t.checkpoint_every == 0 and can_save:
+            self.save()
+            return True
+        return False
+
+    def _finish(self, stop_reason: str, failure: str | None) -> dict[str, Any]:
+        """Final checkpoint, metrics on val and test, metrics.json and sample grids; raise when training diverged."""
         ckpt = self.save()
         final = {
             "stop_reason": stop_reason,
             **self.progress(),
-            "epoch": self.step / steps_per_epoch,
+            "epoch": self.step / len(self.batcher),
             **self.evaluate("val"),
             **self.evaluate("test"),
             "recoveries": self.recovery.recoveries,
@@ -660,29 +662,64 @@ class Trainer:
         }
         if failure is not None:
             final["error"] = failure
-        log.info(
+        self._log.info(
             f"finished ({stop_reason}) after {self.step} steps, {self.elapsed / 60:.1f} min: "
             + _format_record({k: final[k] for k in final if k.endswith(("accuracy", "nll"))})
         )
-        emit(
-            {
-                "step": self.step,
-                "epoch": final["epoch"],
-                "elapsed_s": self.elapsed,
-                **{k: v for k, v in final.items() if isinstance(v, float)},
-            }
-        )
-        if writer:
-            writer.close()
-        if self.run_dir is not None and main:
+        floats = {k: v for k, v in final.items() if isinstance(v, float)}
+        self._emit({"step": self.step, "epoch": final["epoch"], "elapsed_s": self.elapsed, **floats})
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self.run_dir is not None and self.dist.is_main:
             # Sample grids only when the run ended by itself: after a signal the process is asked to exit now.
             done = stop_reason in ("epochs", "time budget")
             final["samples"] = [str(p) for p in self.sample_grids("final")] if done else []
             atomic_write_bytes(self.run_dir / "metrics.json", (json.dumps(final, indent=2) + "\n").encode())
-            log.info(f"wrote {self.run_dir / 'metrics.json'} and sample grids in {self.run_dir / 'samples'}")
+            self._log.info(f"wrote {self.run_dir / 'metrics.json'} and sample grids in {self.run_dir / 'samples'}")
         if failure is not None:
             raise DivergenceError(failure)
         return final
+
+
+def _load_splits(config: Config) -> DatasetSplits:
+    d = config.data
+    return load_dataset(
+        d.dataset,
+        d.data_dir,
+        val_size=d.val_size,
+        seed=config.train.seed,
+        download=d.download,
+        limit=d.limit,
+    )
+
+
+def _build_network(config: Config, splits: DatasetSplits, device: torch.device) -> EnergyModel:
+    m = config.model
+    model = build_model(m.name, splits.image_shape, splits.num_classes, m.energy_head, m.options).to(device)
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class _LogWindow:
+    """Sums of the iteration statistics since the last log line (which shows their means) and when it began."""
+
+    def __init__(self) -> None:
+        self.reset(time.monotonic())
+
+    def reset(self, start: float) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.start = start
+
+    def add(self, stats: dict[str, float]) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.count for k, v in self.sums.items()}
 
 
 def _throughput(record: dict[str, Any], global_batch: int, world: int) -> dict[str, float]:
@@ -693,20 +730,6 @@ def _throughput(record: dict[str, Any], global_batch: int, world: int) -> dict[s
         out["sgld_steps_per_s"] = rate * record["sgld_steps"]
         out["sgld_image_steps_per_s"] = rate * record["sgld_chain_steps"] * world
     return out
-
-
-def _count_lines(path: Path) -> int:
-    if not path.is_file():
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
-
-
-def _metrics_lines_at(path: Path, recorded: Any) -> int | None:
-    """Lines metrics.jsonl had when a checkpoint was written (None for checkpoints that did not record it)."""
-    if recorded is None:
-        return None
-    return min(int(recorded), _count_lines(path))
 
 
 def _format_record(record: dict[str, Any]) -> str:
