@@ -251,3 +251,10 @@ def test_suite_options_validation():
         SuiteOptions(parts=("classification", "nope"))
     with pytest.raises(JemlabError, match="OOD scores"):
         SuiteOptions(ood_scores=("bogus",))
+
+
+def test_the_suite_runs_the_parts_the_cli_and_options_know_in_the_same_order():
+    from jemlab.evaluation.defaults import PARTS as PART_NAMES
+    from jemlab.evaluation.suite import PARTS
+
+    assert tuple(PARTS) == PART_NAMES

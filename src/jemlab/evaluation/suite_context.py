@@ -19,7 +19,7 @@ from jemlab.errors import JemlabError
 from jemlab.evaluation import classification as cls
 
 if TYPE_CHECKING:
-    from jemlab.evaluation.suite import SampleFn, SuiteOptions
+    from jemlab.evaluation.suite_options import SampleFn, SuiteOptions
 
 __all__ = ["PartResult", "SuiteContext", "batched_logits", "load_subset", "model_device", "on_device", "split_of"]
 

@@ -22,7 +22,7 @@ from jemlab.evaluation import sample_quality as sq
 from jemlab.evaluation.suite_context import PartResult, SuiteContext, on_device, split_of
 
 if TYPE_CHECKING:
-    from jemlab.evaluation.suite import SampleFn
+    from jemlab.evaluation.suite_options import SampleFn
 
 __all__ = ["evaluate_samples"]
 
