@@ -19,6 +19,9 @@ from jemlab.provenance import git_sha
 _VECTOR_FLAGS = ("avx", "fma", "amx", "sse4", "f16c", "asimd", "sve", "bf16", "neon")
 
 
+_KERNEL_ENV = ("JEMLAB_PROBE", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS")
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
@@ -40,6 +43,8 @@ def machine_info() -> dict[str, Any]:
         # what the CPU offers as the OS lists it (vector and matrix extensions only) and as torch finds it
         "cpu_flags": sorted(f for f in os_cpu_flags() if f.startswith(_VECTOR_FLAGS)),
         "hardware": probe("cpu").summary(),
+        # settings that change which kernels run (ISA caps, probe overrides, thread counts), when set
+        "env": {k: os.environ[k] for k in _KERNEL_ENV if k in os.environ},
     }
 
 
