@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,7 @@ class Trainer:
         self.recovery = Recovery(config, self.splits.num_classes)
         self.metrics_lines = 0  # lines of run_dir/metrics.jsonl written so far (recorded in checkpoints)
         self._writer: MetricsWriter | None = None  # metrics.jsonl while `fit` runs (rank 0 with a run_dir)
+        self._callback: Callable[[dict[str, Any]], None] | None = None  # `fit`'s callback, while it runs
         self._log = logging.getLogger("jemlab")  # set up by `fit`
 
     def _build_buffer(self) -> ReplayBuffer | None:
@@ -447,7 +449,12 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------------------
 
-    def fit(self, resume_from: str | Path | None = None, log_file: str | Path | None = None) -> dict[str, Any]:
+    def fit(
+        self,
+        resume_from: str | Path | None = None,
+        log_file: str | Path | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Train until `train.epochs` or the `train.minutes` budget, then evaluate and save.
 
         Divergence is rolled back and recovered from as `config.recovery` says; SIGTERM and Ctrl-C stop the run
@@ -456,6 +463,8 @@ class Trainer:
         Args:
             resume_from: checkpoint file or run directory to continue from.
             log_file: an extra file that receives the log (besides run_dir/train.log).
+            callback: called on rank 0 with a copy of every metrics record as it is logged (the lines of
+                metrics.jsonl, also without a run directory): iterations, validation, warnings, recoveries, final.
 
         Returns:
             The final metrics (also written to run_dir/metrics.json).
@@ -464,8 +473,12 @@ class Trainer:
             DivergenceError: training diverged and recovery was off or out of retries (after saving the last
                 healthy state and writing metrics.json with ``stop_reason: "diverged"``).
         """
-        with StopRequest() as stop:
-            return self._fit(stop, resume_from, log_file)
+        self._callback = callback
+        try:
+            with StopRequest() as stop:
+                return self._fit(stop, resume_from, log_file)
+        finally:
+            self._callback = None
 
     def _fit(self, stop: StopRequest, resume_from: str | Path | None, log_file: str | Path | None) -> dict[str, Any]:
         # Logs: rank 0 writes every file (logs, metrics, checkpoints, samples); the other ranks only print warnings.
@@ -509,10 +522,12 @@ class Trainer:
         self._writer = MetricsWriter(self.run_dir, tensorboard=self.config.train.tensorboard)
 
     def _emit(self, record: dict[str, Any]) -> None:
-        """One line of metrics.jsonl (nothing without a run directory or on ranks other than 0)."""
+        """One line of metrics.jsonl (nothing without a run directory or on ranks other than 0); `fit`'s callback."""
         if self._writer is not None:
             self._writer.write(record)
             self.metrics_lines += 1
+        if self._callback is not None and self.dist.is_main:
+            self._callback(dict(record))
 
     def _log_header(self) -> None:
         cfg, t = self.config, self.config.train
