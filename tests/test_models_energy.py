@@ -66,3 +66,42 @@ def test_wide_resnet_28_10_size():
     model = build_model("wide_resnet", (3, 32, 32), 10, options={"depth": 28, "widen": 10})
     n = sum(p.numel() for p in model.parameters())
     assert 36e6 < n < 37e6  # WRN-28-10 has about 36.5M parameters
+
+
+@pytest.mark.parametrize("head", ["logsumexp", "separate"])
+@pytest.mark.parametrize("joint", [False, True])
+def test_feature_energy_and_gradient_equal_the_energies_and_autograd(head, joint):
+    """The by-hand head gradient (used by the explicit SGLD gradient) states the same energies as `energy.py`."""
+    from jemlab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 28, 28), 10, head, {})
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    labels = torch.tensor([0, 3, 9, 1, 1]) if joint else None
+    features = model.backbone(x).detach().requires_grad_(True)
+    energy, grad = model.feature_energy_and_gradient(features, labels)
+    expected = model.joint_energy(x, labels) if joint else model.energy(x)
+    torch.testing.assert_close(energy, expected)
+    heads = model.classifier if (joint or head == "logsumexp") else model.density_head
+    reference = (
+        -heads(features).gather(1, labels.view(-1, 1)).sum()
+        if joint
+        else (-torch.logsumexp(heads(features), 1).sum() if head == "logsumexp" else -heads(features).sum())
+    )
+    (autograd,) = torch.autograd.grad(reference, features)
+    torch.testing.assert_close(grad, autograd)
+
+
+def test_an_explicit_plan_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    from jemlab.accel.explicit import explicit_gradient
+    from jemlab.models import build_model
+
+    model = build_model("course_cnn", (1, 28, 28), 10, "separate", {})
+    explicit_gradient(model, (2, 1, 28, 28), torch.float32, False)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

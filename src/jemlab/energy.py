@@ -53,3 +53,36 @@ def head_energy(log_density: torch.Tensor) -> torch.Tensor:
         (N,) energies.
     """
     return -log_density.reshape(-1)
+
+
+# --- the same energies with their gradients, for code that differentiates by hand ---------------------------------
+
+
+def energy_and_logit_gradient(
+    logits: torch.Tensor, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E and ∂E/∂logits: marginal (∂E/∂f = −softmax(f)) or, with labels, joint (∂E/∂f = −onehot(y)).
+
+    Args:
+        logits: (N, C) class logits.
+        labels: (N,) class indices for the joint energy, or None for the marginal one.
+
+    Returns:
+        ((N,) energies, (N, C) gradients).
+    """
+    if labels is None:
+        return marginal_energy(logits), -torch.softmax(logits, dim=-1)
+    onehot = torch.zeros_like(logits).scatter_(1, labels.view(-1, 1), 1.0)
+    return joint_energy(logits, labels), -onehot
+
+
+def head_energy_and_gradient(log_density: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E = −h and ∂E/∂h = −1 for a separate scalar head.
+
+    Args:
+        log_density: (N, 1) head outputs.
+
+    Returns:
+        ((N,) energies, (N, 1) gradients).
+    """
+    return head_energy(log_density), -torch.ones_like(log_density)

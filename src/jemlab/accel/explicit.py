@@ -129,10 +129,6 @@ def depth_to_space(y: torch.Tensor, stride: int) -> torch.Tensor:
     return out.reshape(n, c, h * stride, w * stride)
 
 
-def _float(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().float()
-
-
 def _is_nhwc(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -190,11 +186,11 @@ class _Conv:
 
 def _sequence(model: nn.Module) -> list[nn.Module] | str:
     """The model's layers in order, or the reason it has no explicit gradient."""
-    backbone = getattr(model, "backbone", None)
-    layers_fn = getattr(backbone, "sequential_layers", None)
-    if layers_fn is None:
-        return f"backbone {type(backbone).__name__} is not a plain layer sequence"
-    layers = list(layers_fn())
+    layers_fn = getattr(model, "sequential_layers", None)
+    layers = layers_fn() if layers_fn is not None else None
+    if layers is None or not hasattr(model, "feature_energy_and_gradient"):
+        backbone = type(getattr(model, "backbone", model)).__name__
+        return f"backbone {backbone} is not a plain layer sequence"
     for layer in layers:
         if isinstance(layer, nn.Conv2d):
             if (
@@ -284,10 +280,9 @@ class ExplicitGradient:
                 fused_fn, public_fn = private_ops.ACTIVATION_BACKWARD[_ACTIVATIONS[type(layer)]]
                 slope = float(getattr(layer, "negative_slope", 0.0))
                 self.steps.append(("act", (layer, fused_fn if fused else public_fn, slope)))
-        # E(x) = −h(x) with a separate density head, else −logsumexp f(x); E(x, y) = −f(x)[y] always uses f
-        density = getattr(model, "density_head", None)
-        self.density = (density.weight.detach().float(), _float(density.bias)) if density is not None else None
-        self.classifier = (model.classifier.weight.detach().float(), _float(model.classifier.bias))
+        # the energy heads on the features, and their gradient, are the model's own (jemlab.energy's convention)
+        # (a weak reference: the plan cache is keyed weakly by the model, so the plan must not keep it alive)
+        self._model = weakref.ref(model)
         self._buffers = threading.local()  # per-thread padded gradient buffers (see _Conv.padded_input)
         # activation step index → the convolution before it, when its backward writes into that one's padded input
         self._pad_into = {
@@ -315,19 +310,7 @@ class ExplicitGradient:
                     saved.append(h)
                     h = item[0](h)
             features = h.float()
-            if labels is not None:
-                weight, bias = self.classifier
-                energy = -F.linear(features, weight, bias).gather(1, labels.view(-1, 1)).squeeze(1)
-                g = -weight[labels]
-            elif self.density is not None:
-                weight, bias = self.density
-                energy = -F.linear(features, weight, bias).reshape(-1)
-                g = (-weight).expand(len(features), -1)
-            else:
-                weight, bias = self.classifier
-                logits = F.linear(features, weight, bias)
-                energy = -torch.logsumexp(logits, dim=1)
-                g = -torch.softmax(logits, dim=1) @ weight
+            energy, g = self._model().feature_energy_and_gradient(features, labels)
             g = g.to(self.dtype)
             padded = False  # g is already the zero-padded input of the convolution that comes next
             for i in range(len(self.steps) - 1, -1, -1):

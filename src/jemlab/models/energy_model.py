@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from jemlab.energy import head_energy, joint_energy, marginal_energy
+from jemlab.energy import (
+    energy_and_logit_gradient,
+    head_energy,
+    head_energy_and_gradient,
+    joint_energy,
+    marginal_energy,
+)
 from jemlab.errors import ConfigError
 
 
@@ -55,3 +62,38 @@ class EnergyModel(nn.Module):
     def joint_energy(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Joint energy E(x, y) = −f(x)[y], shape (N,)."""
         return joint_energy(self.logits(x), y)
+
+    # --- for code that differentiates by hand (jemlab.accel.explicit) -----------------------------------------------
+
+    def sequential_layers(self) -> list[nn.Module] | None:
+        """The backbone as a plain list of layers, or None if it is not one (see the backbones' own method)."""
+        layers = getattr(self.backbone, "sequential_layers", None)
+        return None if layers is None else list(layers())
+
+    def feature_energy_and_gradient(
+        self, features: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """E and ∂E/∂features from the backbone's features, through this model's heads (no autograd).
+
+        The energy is the one `energy` (labels None) or `joint_energy` (labels given) computes; the heads are
+        linear, so ∂E/∂features = ∂E/∂(head output) · W.
+
+        Args:
+            features: (N, feature_dim) backbone outputs, fp32.
+            labels: (N,) classes for the joint energy E(x, y), or None.
+
+        Returns:
+            ((N,) energies, (N, feature_dim) gradients).
+        """
+        if labels is None and self.density_head is not None:
+            head = self.density_head
+            energy, grad_out = head_energy_and_gradient(F.linear(features, head.weight.float(), _float(head.bias)))
+        else:
+            head = self.classifier
+            logits = F.linear(features, head.weight.float(), _float(head.bias))
+            energy, grad_out = energy_and_logit_gradient(logits, labels)
+        return energy, grad_out @ head.weight.float()
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
