@@ -18,16 +18,8 @@ from typing import Any
 import torch
 
 from jemlab.errors import JemlabError
-from jemlab.sampling import frozen, run_chains
-
-
-@dataclass
-class Prediction:
-    """One batch of predictions: p(y|x) (N, C), energies E(x) (N,) and input-gradient norms ‖∇ₓE(x)‖ (N,)."""
-
-    probs: torch.Tensor
-    energy: torch.Tensor
-    grad_norm: torch.Tensor
+from jemlab.sampling import run_chains
+from jemlab.typicality import Prediction, predict_with_gradient
 
 
 @dataclass
@@ -73,15 +65,7 @@ def jem_actions(run: Any) -> ModelActions:
     channels_last = run.config.train.channels_last
 
     def predict(x: torch.Tensor) -> Prediction:
-        x = x.to(device).requires_grad_(True)
-        with frozen(model), torch.enable_grad():  # the gradient with respect to the input only
-            logits, energy = model.logits_and_energy(x)
-            (grad,) = torch.autograd.grad(energy.sum(), x)
-        return Prediction(
-            probs=logits.detach().float().softmax(1).cpu(),
-            energy=energy.detach().float().cpu(),
-            grad_norm=grad.flatten(1).norm(dim=1).float().cpu(),
-        )
+        return predict_with_gradient(model, x, device)
 
     def start(n: int, labels: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
         return run.init(n, labels, generator).float().cpu()

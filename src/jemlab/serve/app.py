@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from jemlab.serve.actions import ModelActions, Prediction
+from jemlab.serve.actions import ModelActions
+from jemlab.typicality import Prediction, Reference, ood_reasons, percentiles
 
 log = logging.getLogger(__name__)
 
@@ -46,40 +47,6 @@ class Limits:
     requests_per_second: float = 20.0  # token-bucket rate of POST requests ...
     burst: int = 40  # ... and its bucket size
     compute_wait_s: float = 30.0  # a request waits this long for the model before a 503
-
-
-@dataclass
-class Reference:
-    """The model's scores on held-out test images, sorted, for percentile-based OOD verdicts.
-
-    Attributes:
-        log_px: −E(x) of the reference images, ascending.
-        grad_norm: ‖∇ₓE(x)‖ of the reference images, ascending.
-        accuracy: the model's accuracy on them.
-        source: where they came from (shown on the page).
-    """
-
-    log_px: np.ndarray
-    grad_norm: np.ndarray
-    accuracy: float
-    source: str
-
-    @property
-    def size(self) -> int:
-        return int(self.log_px.size)
-
-
-def compute_reference(actions: ModelActions, images: torch.Tensor, labels: torch.Tensor, source: str) -> Reference:
-    """Score reference images (N, C, H, W) in [−1, 1] with the model, in batches of 250."""
-    preds = [actions.predict(chunk) for chunk in images.split(250)]
-    probs = torch.cat([p.probs for p in preds])
-    accuracy = float((probs.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
-    return Reference(
-        log_px=np.sort(-torch.cat([p.energy for p in preds]).numpy()),
-        grad_norm=np.sort(torch.cat([p.grad_norm for p in preds]).numpy()),
-        accuracy=accuracy,
-        source=source,
-    )
 
 
 def _finite(value: float) -> float | None:
@@ -289,20 +256,12 @@ class DemoApp:
         }
         ref = self.reference
         if ref is not None and math.isfinite(energy):
-            # Fraction of test images the model finds no more probable than this one (higher = more typical).
-            result["percentile"] = float(np.searchsorted(ref.log_px, -energy, side="right")) / ref.size
-            # JEM's third score: data sit near modes, where ∇ₓE is small. On Fashion-MNIST it separates far
-            # better than log p(x) alone (docs/evaluation.md); a blank canvas, for one, is "probable" but steep.
-            # Fraction of test images with a gradient at least as steep; a non-finite gradient counts as steepest.
-            steeper = np.searchsorted(ref.grad_norm, grad_norm, side="left") if math.isfinite(grad_norm) else ref.size
-            result["grad_percentile"] = 1 - float(steeper) / ref.size
-            # Each score may flag q/2 of real test images, so at most q of them are called out of distribution.
-            half = self.ood_quantile / 2
-            reasons = [
-                name
-                for name, value in (("log p(x)", result["percentile"]), ("gradient norm", result["grad_percentile"]))
-                if value < half
-            ]
+            # Fractions of test images no more probable than this one and with a gradient at least as steep
+            # (jemlab.typicality: higher = more typical); either below ood_quantile/2 calls it out of distribution.
+            percentile, grad_percentile = percentiles(ref, np.array([energy]), np.array([grad_norm]))
+            result["percentile"] = float(percentile[0])
+            result["grad_percentile"] = float(grad_percentile[0])
+            reasons = ood_reasons(result["percentile"], result["grad_percentile"], self.ood_quantile)
             result["verdict"] = "out-of-distribution" if reasons else "in-distribution"
             result["reasons"] = reasons
         return result

@@ -19,10 +19,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from jemlab.serve.actions import build_actions
-from jemlab.serve.app import DemoApp, Limits, Reference, RequestError, compute_reference
+from jemlab.serve.app import DemoApp, Limits, RequestError
+from jemlab.typicality import reference_from_test_set
 
 log = logging.getLogger(__name__)
 
@@ -185,27 +184,6 @@ class DemoHandler(BaseHTTPRequestHandler):
 # --- building the app from a checkpoint ------------------------------------------------------------------------
 
 
-def reference_from_test_set(
-    run: Any, actions: Any, size: int, data_dir: str | None, seed: int = 0
-) -> tuple[Reference | None, str]:
-    """Score up to `size` random test images of the run's dataset; (None, reason) when the data cannot be read."""
-    from jemlab.data import load_dataset
-    from jemlab.errors import JemlabError
-
-    if size == 0:
-        return None, "no reference set (--reference-size 0)"
-    d = run.config.data
-    try:
-        splits = load_dataset(d.dataset, data_dir or d.data_dir, val_size=0, download=False)
-    except JemlabError as err:
-        return None, f"no OOD verdict: the test split of {d.dataset} could not be read ({err})"
-    test = splits.test
-    index = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:size]
-    images, labels = test.batch(index)
-    source = f"{len(index)} random {splits.name} test images"
-    return compute_reference(actions, images.float(), labels, source), ""
-
-
 def create_app(
     checkpoint: str | Path,
     *,
@@ -230,7 +208,7 @@ def create_app(
     run = load_run(checkpoint, device=device)
     actions = build_actions(run)
     started = time.perf_counter()
-    reference, note = reference_from_test_set(run, actions, reference_size, data_dir)
+    reference, note = reference_from_test_set(run.config, actions.predict, reference_size, data_dir)
     if reference is not None:
         log.info("scored %s in %.1f s", reference.source, time.perf_counter() - started)
     return DemoApp(
