@@ -29,7 +29,7 @@ class LoadedRun:
     image_shape: tuple[int, int, int]
     num_classes: int
     class_names: list[str]
-    path: Path
+    path: Path | None  # the checkpoint file; None for a model trained in memory (`jemlab.train` without run_dir)
     meta: dict[str, Any] = field(default_factory=dict)
 
 

@@ -52,9 +52,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from jemlab.generate import generate
+    from jemlab.api import Samples, load
     from jemlab.images import save_grid, save_npz
-    from jemlab.run import load_run
 
     if args.out is None and args.animate is None:
         raise ConfigError("pass --out FILE.npz|FILE.png, --animate FILE.gif, or both")
@@ -63,34 +62,33 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out must end in .npz or .png, got '{args.out}'")
     if args.animate is not None and args.animate.suffix.lower() != ".gif":
         raise ConfigError(f"--animate must end in .gif, got '{args.animate}'")
-    trained = load_run(args.checkpoint, device=args.device)
-    apply_egc_flags(args, trained.config)
+    model = load(args.checkpoint, device=args.device)  # the Python API's Model (jemlab.api)
+    apply_egc_flags(args, model.config)
     labels = None
     n = args.num
     if args.per_class:
-        labels = torch.arange(trained.num_classes).repeat_interleave(args.num)
+        labels = torch.arange(model.num_classes).repeat_interleave(args.num)
         n = len(labels)
-    generator = torch.Generator().manual_seed(args.seed)
     nrow = args.num if args.per_class else None
     if args.animate is not None:
         from jemlab.animate import record_chain, save_gif
 
+        generator = torch.Generator().manual_seed(args.seed)
         x, snapshots, protocol = record_chain(
-            trained, n, labels=labels, steps=args.steps, frames=args.frames, init=args.init, generator=generator
+            model.run, n, labels=labels, steps=args.steps, frames=args.frames, init=args.init, generator=generator
         )
         save_gif(snapshots, args.animate, nrow=nrow)
+        samples = Samples.from_network_scale(x, labels, protocol)
     else:
-        x, protocol = generate(trained, n, labels=labels, steps=args.steps, init=args.init, generator=generator)
+        samples = model.draw(n, labels=labels, steps=args.steps, seed=args.seed, init=args.init)
     if suffix == ".npz":
-        save_npz(args.out, x, labels)
+        save_npz(args.out, samples.x, samples.labels)
     elif suffix == ".png":
-        save_grid(x, args.out, nrow=nrow)
-    report: dict[str, Any] = {"out": None if args.out is None else str(args.out), **protocol}
+        save_grid(samples.x, args.out, nrow=nrow)
+    report: dict[str, Any] = {"out": None if args.out is None else str(args.out), **samples.protocol}
     if args.animate is not None:
         report["animate"] = str(args.animate)
     if labels is not None:
-        with torch.no_grad():
-            predicted = torch.cat([trained.model.logits(c.to(trained.device)).argmax(1).cpu() for c in x.split(256)])
-        report["self_agreement"] = float((predicted == labels).float().mean())
+        report["self_agreement"] = model.self_agreement(samples)
     print(json.dumps(report))
     return 0
