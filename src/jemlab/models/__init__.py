@@ -69,7 +69,10 @@ def build_model(
         raise ConfigError(f"model '{name}' has no option(s) {', '.join(unknown)}; it accepts: {', '.join(allowed)}")
     channels, height, width = image_shape
     if height != width:
-        raise ConfigError(f"images must be square, got {height}x{width}")
+        raise ConfigError(
+            f"images must be square, got {height}x{width} (height x width); resize them while loading with "
+            f"data.image_size=N (--set data.image_size={max(height, width)})"
+        )
     if name in MODELS:  # a complete model (EGC): no separate head to add
         return MODELS[name](in_channels=channels, image_size=height, num_classes=num_classes, **options)
     backbone = BACKBONES[name](in_channels=channels, image_size=height, **options)

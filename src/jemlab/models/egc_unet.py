@@ -172,9 +172,13 @@ class EGCUNet(nn.Module):
         channel_mult = [int(m) for m in channel_mult]
         if not channel_mult or min(channel_mult) < 1 or width < 4 or num_res_blocks < 1:
             raise ConfigError("egc_unet needs width >= 4, num_res_blocks >= 1 and channel multipliers >= 1")
-        if patch < 1 or image_size % (patch * 2 ** (len(channel_mult) - 1)):
+        multiple = max(patch, 1) * 2 ** (len(channel_mult) - 1)
+        if patch < 1 or image_size % multiple:
+            fit = max(multiple, round(image_size / multiple) * multiple)
             raise ConfigError(
-                f"image size {image_size} is not divisible by patch {patch} × 2^{len(channel_mult) - 1} (levels)"
+                f"egc_unet needs an image size divisible by patch {patch} × 2^{len(channel_mult) - 1} (levels) = "
+                f"{multiple}, got {image_size}; resize the images with data.image_size={fit}, or set model.patch / "
+                f"model.channel_mult to fit"
             )
         self.num_classes = num_classes
         self.energy_form = energy

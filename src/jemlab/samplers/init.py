@@ -23,6 +23,8 @@ from jemlab.errors import ConfigError
 Initializer = Callable[[int, "torch.Tensor | None", "torch.Generator | None"], torch.Tensor]
 
 COVARIANCES = ("diag", "lowrank", "full")
+# Largest full covariance set fitted (K·D² float32): 10 classes of 32×32×3 images take 0.35 GiB, of 64×64×3 5.6 GiB.
+_FULL_COVARIANCE_BYTES = 2 * 2**30
 
 
 def uniform_init(shape: tuple[int, ...], device: torch.device | str = "cpu", **_unused: Any) -> Initializer:
@@ -161,6 +163,13 @@ def fit_class_gaussians(
     shape = tuple(images.shape[1:])
     d = int(torch.tensor(shape).prod())
     r = {"diag": 0, "lowrank": min(rank, d), "full": d}[covariance]
+    if covariance == "full" and num_classes * d * d * 4 > _FULL_COVARIANCE_BYTES:
+        # Larger images (a user's dataset, data.image_size) would run out of memory or take hours to factorise.
+        raise ConfigError(
+            f"sampler.init_covariance=full needs {num_classes * d * d * 4 / 2**30:.1f} GiB for {num_classes} classes "
+            f"of {'x'.join(map(str, shape))} images (K·D² floats, at most {_FULL_COVARIANCE_BYTES // 2**30} GiB); "
+            f"use sampler.init_covariance=lowrank (or diag), or smaller images (data.image_size)"
+        )
     means = torch.zeros(num_classes, d)
     factors = torch.zeros(num_classes, d, r)
     diag_std = torch.zeros(num_classes, d)
