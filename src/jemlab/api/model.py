@@ -199,7 +199,10 @@ class Model:
         return self._classify(to_model_input(images, self.image_shape))
 
     def energy(self, images: ImageBatch) -> torch.Tensor:
-        """The energy E(x) = −logsumexp_y f(x)[y] (EGC: at t = 0); low energy = probable, log p(x) = −E(x) + const.
+        """The energy E(x): low energy = probable, log p(x) = −E(x) + const.
+
+        E(x) = −logsumexp_y f(x)[y] for the classifier's own energy (JEM, EGC at t = 0), −h(x) for a model with a
+        separate energy head h (the course preset).
 
         Args:
             images: as for `Model.predict_proba`.
