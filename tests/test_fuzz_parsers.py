@@ -1,4 +1,5 @@
-"""Property tests over every parser of user files: IDX datasets, .npz samples, config JSON, checkpoints.
+"""Property tests over every parser of user files: IDX datasets, .npz samples, user datasets (.npz, image
+folders), config JSON, checkpoints.
 
 The property: whatever the bytes, a parser either returns a well-formed result or raises a `JemlabError` (whose
 message is one line naming the file); never another exception, never a crash. Inputs are random bytes, valid
@@ -26,7 +27,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from jemlab.config import _SECTIONS, Config, config_from_dict, load_config_file
+from jemlab.data import load_dataset
 from jemlab.data.idx import IMAGES_MAGIC, LABELS_MAGIC, parse_idx, read_idx_images, read_idx_labels, write_idx
+from jemlab.data.testing import write_image_folder
 from jemlab.errors import JemlabError
 from jemlab.images import load_npz
 from jemlab.training.checkpoint import load_checkpoint, save_checkpoint
@@ -191,6 +194,87 @@ def test_npz_with_any_arrays(images_dtype, images_shape, fill, labels):
         images, loaded_labels = out
         assert images.dim() == 4 and bool(torch.isfinite(images).all())
         assert loaded_labels is None or loaded_labels.shape == (images.shape[0],)
+
+
+# --- user datasets: an .npz of images and labels, a folder of class folders --------------------------------------
+
+VALID_DATASET_NPZ = npz_bytes(
+    images=np.arange(12 * 4 * 4, dtype=np.uint8).reshape(12, 4, 4),
+    labels=np.arange(12) % 2,
+    class_names=np.array(["a", "b"]),
+)
+
+
+def dataset_ok(splits) -> bool:
+    """A loaded user dataset is well formed: uint8 (N, C, H, W) images, labels 0..K-1 (-1 only when unlabelled)."""
+    for part in (splits.train, splits.val, splits.test):
+        assert part.images.dtype == torch.uint8 and part.images.dim() == 4
+        assert part.labels.numel() == 0 or 0 <= int(part.labels.min()) <= int(part.labels.max()) < splits.num_classes
+    assert splits.unlabelled is None or bool((splits.unlabelled.labels == -1).all())
+    return True
+
+
+@FUZZ
+@given(data=st.binary(max_size=400))
+def test_dataset_npz_random_bytes(data):
+    path = SCRATCH / "dataset-random.npz"
+    path.write_bytes(data)
+    expect_clean("dataset-npz/random", load_dataset, path)
+
+
+@FUZZ
+@given(mutation=mutations)
+@example(mutation=(-1, [(4712, 64)], b""))
+def test_dataset_npz_cut_and_changed(mutation):
+    path = SCRATCH / "dataset-mutated.npz"
+    path.write_bytes(mutate(VALID_DATASET_NPZ, *mutation))
+    out = expect_clean("dataset-npz/mutated", load_dataset, path, None)
+    assert out is None or dataset_ok(out)
+
+
+label_dtypes = st.sampled_from([np.int64, np.int8, np.uint8, np.float32, np.bool_])
+
+
+@FUZZ
+@given(
+    images_dtype=dtypes,
+    images_shape=shapes,
+    labels=st.none() | st.tuples(label_dtypes, st.lists(st.integers(0, 12), max_size=2), st.integers(-3, 3)),
+)
+def test_dataset_npz_with_any_arrays(images_dtype, images_shape, labels):
+    arrays = {"images": np.ones(images_shape).astype(images_dtype)}
+    if labels is not None:
+        dtype, shape, value = labels
+        with np.errstate(invalid="ignore"):
+            arrays["labels"] = (np.arange(int(np.prod(shape))).reshape(shape) % 3 + value).astype(dtype)
+    path = SCRATCH / "dataset-arrays.npz"
+    path.write_bytes(npz_bytes(**arrays))
+    out = expect_clean("dataset-npz/arrays", load_dataset, path, None)
+    assert out is None or dataset_ok(out)
+
+
+def _png_bytes() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(36, dtype=np.uint8).reshape(6, 6)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+VALID_PNG = _png_bytes()
+
+
+@FUZZ
+@given(mutation=mutations, suffix=st.sampled_from([".png", ".jpg"]))
+def test_image_folder_with_a_damaged_image(mutation, suffix):
+    root = SCRATCH / "folder"
+    if not root.exists():
+        write_image_folder(root, 6, class_names=("a", "b"), shape=(6, 6))
+    for old in (root / "b").glob("damaged.*"):
+        old.unlink()
+    (root / "b" / f"damaged{suffix}").write_bytes(mutate(VALID_PNG, *mutation))
+    out = expect_clean("image-folder/damaged", load_dataset, root, None)
+    assert out is None or dataset_ok(out)
 
 
 # --- config JSON -------------------------------------------------------------------------------------------------

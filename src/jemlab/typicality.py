@@ -127,7 +127,7 @@ def reference_from_test_set(
         return None, "no reference set (--reference-size 0)"
     d = config.data
     try:
-        splits = load_dataset(d.dataset, data_dir or d.data_dir, val_size=0, download=False)
+        splits = load_dataset(d.dataset, data_dir or d.data_dir, val_size=0, download=False, image_size=d.image_size)
     except JemlabError as err:
         return None, f"no OOD verdict: the test split of {d.dataset} could not be read ({err})"
     test = splits.test

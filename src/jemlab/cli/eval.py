@@ -256,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
         seed=trained.config.train.seed,
         download=d.download,
         limit=d.limit,
+        image_size=d.image_size,
     )
     if full:
         return _run_full(args, trained, splits)

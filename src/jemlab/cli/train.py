@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,11 @@ def add_parser(sub: Any) -> None:
         help="recipe to start from (default: %(default)s; `jemlab presets` describes them)",
     )
     g.add_argument("--config", type=Path, help="start from a config JSON file (e.g. a run's config.json) instead")
-    g.add_argument("--dataset", help="dataset name (fashion-mnist, mnist, mnist-5k, cifar10, cifar100, svhn)")
+    g.add_argument(
+        "--dataset",
+        help="dataset name (fashion-mnist, mnist, mnist-5k, cifar10, cifar100, svhn) or the path of your own images: "
+        "a folder of class sub-folders or an .npz (docs/data.md; resize with --set data.image_size=N)",
+    )
     g.add_argument("--data-dir", help="folder holding the dataset files (searched before the cache and system)")
     g.add_argument(
         "--val-size",
@@ -86,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.run_dir is None and not args.dry_run:
         # Each torchrun process would name its own folder after its own clock.
         raise ConfigError("with several processes (torchrun) pass --run-dir, the same for every process")
-    run_dir = args.run_dir or Path("runs") / f"{config.preset}-{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = args.run_dir or Path("runs") / f"{config.preset}-{_slug(config.data.dataset)}-{stamp}"
     resume_from = None
     has_checkpoint = (run_dir / "checkpoints" / "latest").exists()
     if args.resume:
@@ -117,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
 def _new_config(args: argparse.Namespace):
     """The preset (or --config file), then the flags, then --set, validated."""
     from jemlab.config import build_config, load_config_file, parse_overrides, set_value, validate_config
+    from jemlab.data import dataset_path
 
     overrides: list[tuple[str, Any]] = []
     for attr, key in _FLAG_KEYS.items():
@@ -131,8 +138,18 @@ def _new_config(args: argparse.Namespace):
         for key, value in overrides:
             set_value(config, key, value)
         validate_config(config)
-        return config
-    return build_config(args.preset, overrides)
+    else:
+        config = build_config(args.preset, overrides)
+    # A dataset given by its path is saved as an absolute path, so eval and serve find it from any directory.
+    path = dataset_path(config.data.dataset, config.data.data_dir)
+    if path is not None:
+        config.data.dataset = str(path)
+    return config
+
+
+def _slug(dataset: str) -> str:
+    """A dataset name or path as part of a folder name: ``fashion-mnist``, or ``flowers`` for ``~/data/flowers/``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(dataset).stem).strip("._") or "dataset"
 
 
 def _resumed_config(args: argparse.Namespace, run_dir: Path):

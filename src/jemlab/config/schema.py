@@ -14,8 +14,11 @@ from typing import Any
 
 @dataclass
 class DataConfig:
+    # a registry name (fashion-mnist, mnist, mnist-5k, cifar10, cifar100, svhn) or the path of your own images: a
+    # folder of class sub-folders or an .npz (docs/data.md)
     dataset: str = "fashion-mnist"
     data_dir: str | None = None  # explicit folder with the dataset's files (searched first)
+    image_size: int | None = None  # resize every image to N×N pixels (bilinear, antialiased); None keeps the size
     val_size: int | None = None  # held-out validation images; None = min(5000, a tenth of the training set)
     limit: int | None = None  # use only this many training images (quick runs, tests)
     download: bool = True  # fetch from the official URLs if the files are nowhere on disk

@@ -74,6 +74,11 @@ def _validate_finite(config: Config) -> None:
 def _validate_data(d: DataConfig) -> None:
     _check(d.val_size is None or d.val_size >= 0, f"data.val_size must be >= 0 or none, got {d.val_size}")
     _check(d.limit is None or d.limit > 0, f"data.limit must be > 0 or none, got {d.limit}")
+    _check(
+        d.image_size is None or d.image_size >= 4,
+        f"data.image_size must be a side length of 4 pixels or more (images are resized to N×N) or none, "
+        f"got {d.image_size}",
+    )
     _one_of(d.augment, "data.augment", ("none", "crop", "crop_flip"))
     _one_of(d.augment_px, "data.augment_px", ("same", "none"))
 

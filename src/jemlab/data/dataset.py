@@ -15,6 +15,10 @@ from jemlab.errors import ConfigError, DataError
 
 IndexLike = torch.Tensor | Sequence[int] | slice
 
+# The label of an image without a class (a user's ``_unlabelled`` folder, or -1 in an ``.npz``'s labels, as in
+# scikit-learn). Such images live only in ``DatasetSplits.unlabelled``: never in train, val or test.
+UNLABELLED = -1
+
 
 @dataclass
 class ArrayDataset:
@@ -98,6 +102,10 @@ class DatasetSplits:
         image_shape: (C, H, W) of one image.
         class_names: one human-readable name per class.
         source: where the files were read from (for logs and run metadata).
+        unlabelled: images without a class, for the log p(x) term only (label ``UNLABELLED`` = -1 on every
+            one, same image shape as ``train``); None when the source has none (it is never empty). Only
+            user datasets have them (docs/data.md); they are not capped by ``limit`` and never enter val or
+            test.
     """
 
     name: str
@@ -108,6 +116,7 @@ class DatasetSplits:
     image_shape: tuple[int, int, int]
     class_names: list[str]
     source: str = field(default="")
+    unlabelled: ArrayDataset | None = None
 
 
 @dataclass
@@ -117,18 +126,21 @@ class OfficialSplits:
     Attributes:
         train_images: uint8 (N, C, H, W).
         train_labels: int64 (N,).
-        test_images: uint8 (M, C, H, W).
-        test_labels: int64 (M,).
+        test_images: uint8 (M, C, H, W); None when the source has no test set (a user's folder or ``.npz``),
+            and ``load_dataset`` holds one out of the training set (``hold_out_test``).
+        test_labels: int64 (M,); None exactly when ``test_images`` is.
         class_names: one name per class.
         source: where the files were read from.
+        unlabelled_images: uint8 (U, C, H, W) images without a class, or None.
     """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
+    test_images: torch.Tensor | None
+    test_labels: torch.Tensor | None
     class_names: list[str]
     source: str
+    unlabelled_images: torch.Tensor | None = None
 
 
 def split_train_val(
@@ -180,3 +192,38 @@ def split_train_val(
     train = ArrayDataset(images[train_index], labels[train_index])
     val = ArrayDataset(images[val_index], labels[val_index])
     return train, val
+
+
+# The held-out test split does not depend on the run's seed: every run on a dataset is tested on the same images.
+TEST_SPLIT_SEED = 0
+
+
+def hold_out_test(images: torch.Tensor, labels: torch.Tensor, *, what: str) -> tuple[ArrayDataset, ArrayDataset]:
+    """Split a test set off a dataset that comes without one (a user's folder or ``.npz``).
+
+    The test set is min(5000, N // 10) images chosen by one ``torch.randperm`` with the fixed seed
+    ``TEST_SPLIT_SEED``, so it is the same for every run whatever ``train.seed``; the validation split is then drawn
+    from the rest by ``split_train_val``. Both index sets are sorted to keep the file order.
+
+    Args:
+        images: uint8 (N, C, H, W) labelled images.
+        labels: int64 (N,) labels.
+        what: the dataset, for the error message.
+
+    Returns:
+        ``(rest, test)`` datasets.
+
+    Raises:
+        DataError: fewer than 10 images, too few to hold out a test set.
+    """
+    n = int(labels.shape[0])
+    test_size = min(5000, n // 10)
+    if test_size == 0:
+        raise DataError(
+            f"{what}: only {n} labelled images, too few to hold out a test set (a tenth of them); add images "
+            f"(10 at the very least) or provide a test set (test/ folder or test_images in the .npz)"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(TEST_SPLIT_SEED))
+    test_index = perm[:test_size].sort().values
+    rest_index = perm[test_size:].sort().values
+    return ArrayDataset(images[rest_index], labels[rest_index]), ArrayDataset(images[test_index], labels[test_index])

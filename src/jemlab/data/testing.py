@@ -304,3 +304,119 @@ def isolate_data_locations(monkeypatch, root: str | os.PathLike) -> tuple[Path, 
 
     monkeypatch.setattr(download, "fetch", no_network)
     return cache, system
+
+
+def write_image_folder(
+    directory: str | os.PathLike,
+    n_per_class: int = 20,
+    *,
+    class_names: tuple[str, ...] = ("circle", "square", "triangle"),
+    shape: tuple[int, int] = (28, 28),
+    channels: int = 1,
+    n_unlabelled: int = 0,
+    n_test_per_class: int = 0,
+    suffix: str = ".png",
+    seed: int = 0,
+) -> Path:
+    """Write a fake user dataset as class folders of image files (docs/data.md).
+
+    Without ``n_test_per_class`` the classes are ``directory/<class>/``; with it, ``directory/train/<class>/`` and
+    ``directory/test/<class>/``. ``n_unlabelled`` images go to the ``_unlabelled`` folder next to the class folders.
+
+    Args:
+        directory: destination folder (created). Pass it as the dataset (``load_dataset(directory)``).
+        n_per_class: training images per class.
+        class_names: folder names, one per class (written in this order; classes are their sorted order).
+        shape: (H, W) of each image.
+        channels: 1 (greyscale files) or 3 (RGB files).
+        n_unlabelled: images in ``_unlabelled``.
+        n_test_per_class: test images per class (0: no ``test/`` folder).
+        suffix: ``.png`` or ``.jpg`` (lossy: pixels will not round-trip exactly).
+        seed: seed of jitter and noise.
+
+    Returns:
+        ``directory`` as a Path.
+    """
+    from PIL import Image
+
+    directory = Path(directory)
+    rng = np.random.default_rng(seed)
+    num_classes = len(class_names)
+    train_root = directory / "train" if n_test_per_class else directory
+    parts = [(train_root, n_per_class)]
+    if n_test_per_class:
+        parts.append((directory / "test", n_test_per_class))
+    for root, n in parts:
+        for label, name in enumerate(class_names):
+            folder = root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            labels = np.full(n, label)
+            images = make_images(labels, shape=shape, channels=channels, num_classes=num_classes, rng=rng)
+            for i, image in enumerate(images):
+                _save_image(Image, image, folder / f"{i:05d}{suffix}")
+    if n_unlabelled:
+        folder = train_root / "_unlabelled"
+        folder.mkdir(parents=True, exist_ok=True)
+        labels = np.arange(n_unlabelled) % num_classes
+        images = make_images(labels, shape=shape, channels=channels, num_classes=num_classes, rng=rng)
+        for i, image in enumerate(images):
+            _save_image(Image, image, folder / f"{i:05d}{suffix}")
+    return directory
+
+
+def _save_image(image_module, image: np.ndarray, path: Path) -> None:
+    """Save one (C, H, W) uint8 image as greyscale (C = 1) or RGB (C = 3)."""
+    array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    image_module.fromarray(np.ascontiguousarray(array)).save(path)
+
+
+def write_npz_dataset(
+    path: str | os.PathLike,
+    n: int = 60,
+    *,
+    num_classes: int = 3,
+    shape: tuple[int, int] = (28, 28),
+    channels: int = 1,
+    n_unlabelled: int = 0,
+    n_test: int = 0,
+    class_names: tuple[str, ...] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a fake user dataset as an ``.npz`` (docs/data.md): ``images`` (N, H, W) or (N, H, W, 3), ``labels``.
+
+    Args:
+        path: destination file (parent folders created).
+        n: labelled images.
+        num_classes: number of classes.
+        shape: (H, W).
+        channels: 1 (stored as (N, H, W)) or 3 (stored as (N, H, W, 3)).
+        n_unlabelled: extra images with label -1, appended after the labelled ones.
+        n_test: images in ``test_images``/``test_labels`` (0: none).
+        class_names: stored as ``class_names`` when given.
+        seed: seed of labels, jitter and noise.
+
+    Returns:
+        ``path`` as a Path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def images_for(labels: np.ndarray) -> np.ndarray:
+        images = make_images(labels, shape=shape, channels=channels, num_classes=num_classes, rng=rng)
+        return images[:, 0] if channels == 1 else images.transpose(0, 2, 3, 1)  # (N, H, W[, C])
+
+    labels = balanced_labels(n, num_classes, rng).astype(np.int64)
+    arrays = {"images": images_for(labels), "labels": labels}
+    if n_unlabelled:
+        hidden = np.arange(n_unlabelled) % num_classes
+        arrays["images"] = np.concatenate([arrays["images"], images_for(hidden)])
+        arrays["labels"] = np.concatenate([labels, np.full(n_unlabelled, -1, dtype=np.int64)])
+    if n_test:
+        test_labels = balanced_labels(n_test, num_classes, rng).astype(np.int64)
+        arrays["test_images"] = images_for(test_labels)
+        arrays["test_labels"] = test_labels
+    if class_names is not None:
+        arrays["class_names"] = np.array(class_names, dtype=str)
+    np.savez(path, **arrays)
+    return path

@@ -706,6 +706,7 @@ def _load_splits(config: Config) -> DatasetSplits:
         seed=config.train.seed,
         download=d.download,
         limit=d.limit,
+        image_size=d.image_size,
     )
 
 
