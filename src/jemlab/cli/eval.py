@@ -263,6 +263,8 @@ def run(args: argparse.Namespace) -> int:
     split = args.split or "test"
     metrics = evaluate_split(trained.model, getattr(splits, split), trained.device, prefix=split)
     metrics = {"checkpoint": str(trained.path), "dataset": splits.name, **metrics}
+    if d.labels_per_class is not None:  # the label budget of a semi-supervised run
+        metrics["labels_per_class"] = d.labels_per_class
     text = json.dumps(metrics, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

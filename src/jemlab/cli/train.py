@@ -19,6 +19,7 @@ _FLAG_KEYS = {
     "data_dir": "data.data_dir",
     "val_size": "data.val_size",
     "limit": "data.limit",
+    "labels_per_class": "data.labels_per_class",
     "minutes": "train.minutes",
     "epochs": "train.epochs",
     "batch_size": "train.batch_size",
@@ -58,6 +59,12 @@ def add_parser(sub: Any) -> None:
         help="validation images held out of the training set (default: min(5000, a tenth of it))",
     )
     g.add_argument("--limit", type=positive_int, help="train on only this many images (quick runs)")
+    g.add_argument(
+        "--labels-per-class",
+        type=positive_int,
+        metavar="N",
+        help="few labels: cross-entropy on N seeded images per class, log p(x) on all (docs/semi_supervised.md)",
+    )
     g.add_argument(
         "--set",
         dest="overrides",

@@ -24,6 +24,9 @@ class DataConfig:
     download: bool = True  # fetch from the official URLs if the files are nowhere on disk
     augment: str = "none"  # training images for log p(y|x): none, crop (reflect-pad 4, random crop) or crop_flip
     augment_px: str = "same"  # images for log p(x): same (as the CE branch) or none (unaugmented; SADA-JEM)
+    # Semi-supervised (docs/semi_supervised.md): cross-entropy on only this many training images per class (a
+    # class-balanced subset chosen with train.seed); log p(x) on every training image. None = all labels.
+    labels_per_class: int | None = None
 
 
 @dataclass

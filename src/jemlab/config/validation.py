@@ -46,6 +46,7 @@ def validate_config(config: Config) -> None:
     _validate_recovery(config.recovery)
     _validate_egc(config.egc)
     _validate_egc_pairing(config)
+    _validate_semi_supervised(config)
     _validate_backbone_options(config.model)
 
 
@@ -81,6 +82,10 @@ def _validate_data(d: DataConfig) -> None:
     )
     _one_of(d.augment, "data.augment", ("none", "crop", "crop_flip"))
     _one_of(d.augment_px, "data.augment_px", ("same", "none"))
+    _check(
+        d.labels_per_class is None or d.labels_per_class >= 1,
+        f"data.labels_per_class must be a positive integer (images per class) or none, got {d.labels_per_class}",
+    )
 
 
 def _validate_model(m: ModelConfig) -> None:
@@ -235,6 +240,28 @@ def _validate_egc_pairing(config: Config) -> None:
     _check(
         config.objective.px == 0 and config.objective.pxy == 0,
         "objective.name=egc draws no SGLD negatives: set objective.px=0 and objective.pxy=0",
+    )
+
+
+def _validate_semi_supervised(config: Config) -> None:
+    """data.labels_per_class: JEM and the softmax baseline only, without the p(x|y) term, and enough labelled images
+    per class for a data-fitted chain initialiser."""
+    n = config.data.labels_per_class
+    if n is None:
+        return
+    _check(
+        config.objective.name == "jem",
+        "data.labels_per_class is supported with objective.name=jem (JEM and --preset softmax), not egc; "
+        "drop data.labels_per_class",
+    )
+    _check(
+        config.objective.pxy == 0,
+        "data.labels_per_class does not support the p(x|y) term yet; set objective.pxy=0",
+    )
+    _check(
+        n >= 2 or config.sampler.init != "gaussian",
+        "data.labels_per_class=1 is too few for sampler.init=gaussian (its class Gaussians are fitted on the labelled "
+        "images, 2 per class at least); use sampler.init=uniform or data.labels_per_class=2 or more",
     )
 
 

@@ -438,6 +438,12 @@ def evaluate_run(
     """
     say = log or (lambda _msg: None)
     notes: list[str] = [f"checkpoint: {run.path}"]
+    labels_per_class = run.config.data.labels_per_class
+    if labels_per_class is not None:  # a semi-supervised run: say what the classifier was taught with
+        notes.append(
+            f"Label budget: trained with {labels_per_class} labels per class (data.labels_per_class; "
+            f"log p(x) on every training image)."
+        )
     opts = dataclasses.replace(options, dataset_name=splits.name)
 
     sample_protocols: list[dict[str, Any]] = []
@@ -501,6 +507,8 @@ def evaluate_run(
         if feature_net_info and "samples" in metrics:
             metrics["samples"]["feature_net_cache"] = dict(feature_net_info)
         head = {"checkpoint": str(run.path), "dataset": splits.name, **test_metrics}
+        if labels_per_class is not None:
+            head["labels_per_class"] = labels_per_class
         rest = dict(metrics)
         metrics.clear()
         metrics.update(head)

@@ -24,8 +24,9 @@ from jemlab import distributed
 from jemlab.accel import AUTOCAST_DTYPES, Choice
 from jemlab.allocator import allocator_status
 from jemlab.config import Config, validate_config
-from jemlab.data import DatasetSplits, load_dataset
+from jemlab.data import ArrayDataset, DatasetSplits, load_dataset
 from jemlab.data.augment import augment
+from jemlab.data.labelled import LabelledBatcher, labelled_subset, px_pool
 from jemlab.errors import CheckpointError, DivergenceError
 from jemlab.generate import generate
 from jemlab.images import save_grid
@@ -79,8 +80,12 @@ class Trainer:
 
         # Data: held in memory, batched by index with the batcher's own generator.
         self.splits = splits or _load_splits(config)
-        # One shuffle shared by all ranks; each takes its block of batch_size images from every global batch.
-        self.batcher = distributed.RankBatcher(self.splits.train, t.batch_size, seed=t.seed, env=self.dist)
+        # Few labels (data.labels_per_class; docs/semi_supervised.md): log p(y|x) on a seeded class-balanced
+        # labelled subset, log p(x) on every training image (plus unlabelled ones). None: one batch serves both.
+        self.labelled_index, self.labelled, px_data = self._split_labels()
+        # One shuffle shared by all ranks; each takes its block of batch_size images from every global batch. It
+        # drives the epochs; in semi-supervised runs it gives the log p(x) batch, `self.labelled` the CE batch.
+        self.batcher = distributed.RankBatcher(px_data, t.batch_size, seed=t.seed, env=self.dist)
 
         # Network and optimizer.
         self.model: EnergyModel = _build_network(config, self.splits, self.device)
@@ -102,8 +107,10 @@ class Trainer:
         self.cpu_generator = torch.Generator().manual_seed(self.dist.seed(t.seed + 1))
         self.noise_generator = torch.Generator(device=self.device).manual_seed(self.dist.seed(t.seed + 2))
         # The chain initialiser; a data-fitted one (JEM++ class Gaussians) is fitted here and saved in checkpoints.
+        # Its class Gaussians need labels: with few labels they are fitted on the labelled images only.
+        labelled_data = self.splits.train if self.labelled is None else self.splits.train.subset(self.labelled_index)
         self.init = initializer_from_config(
-            config.sampler, self.splits.image_shape, data=self.splits.train, num_classes=self.splits.num_classes
+            config.sampler, self.splits.image_shape, data=labelled_data, num_classes=self.splits.num_classes
         )
         self.buffer: ReplayBuffer | None = self._build_buffer()
 
@@ -120,6 +127,27 @@ class Trainer:
         self._writer: MetricsWriter | None = None  # metrics.jsonl while `fit` runs (rank 0 with a run_dir)
         self._callback: Callable[[dict[str, Any]], None] | None = None  # `fit`'s callback, while it runs
         self._log = logging.getLogger("jemlab")  # set up by `fit`
+
+    def _split_labels(self) -> tuple[torch.Tensor, LabelledBatcher | None, ArrayDataset]:
+        """The labelled images (indices into the training split), their batcher, and the log p(x) pool.
+
+        With every label and no unlabelled images: all training images, no separate batcher, the training split.
+        Otherwise the CE batch comes from a `LabelledBatcher` over the labelled images (the same stream on every
+        rank, seeded with train.seed + 4) and the p(x) batch from the training split plus the unlabelled images.
+        """
+        t, n = self.config.train, self.config.data.labels_per_class
+        train, pool = self.splits.train, px_pool(self.splits)
+        if n is None and pool is train:  # every label, no unlabelled images: one batch serves both terms
+            return torch.arange(len(train)), None, train
+        index = (
+            torch.arange(len(train))
+            if n is None
+            else labelled_subset(train.labels, n, self.splits.num_classes, t.seed, self.splits.class_names)
+        )
+        labelled = LabelledBatcher(
+            train, index, t.batch_size, seed=t.seed + 4, rank=self.dist.rank, world_size=self.dist.world_size
+        )
+        return index, labelled, pool
 
     def _build_buffer(self) -> ReplayBuffer | None:
         """This rank's replay buffer when the run keeps persistent chains for p(x) or p(x|y), else None."""
@@ -164,6 +192,8 @@ class Trainer:
                 "noise_generator": self.noise_generator.get_state(),
             },
         }
+        if self.labelled is not None:  # the CE batches' stream (the same on every rank, like the batcher)
+            state["labelled_batcher"] = self.labelled.state_dict()
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         if self.egc is not None:
@@ -176,6 +206,8 @@ class Trainer:
         if self.buffer is not None and state.get("buffer") is not None:
             self.buffer.load_state_dict(state["buffer"])
         self.batcher.load_state_dict(state["batcher"])
+        if self.labelled is not None:
+            self.labelled.load_state_dict(state["labelled_batcher"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.cpu_generator.set_state(rng["cpu_generator"])
@@ -271,14 +303,42 @@ class Trainer:
         steps = self.config.sampler.steps
         return x, {"sgld_grad_norm": stats.grad_norm, "sgld_steps": steps, "sgld_chain_steps": steps * n}
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
-        """One optimisation step on a batch: negatives, loss, backward, update."""
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The next iteration's data, as `train_step` takes it.
+
+        Returns:
+            ``(x, y, x_px)``: the batch for log p(y|x), and in semi-supervised runs the batch for log p(x) from
+            every training image (None otherwise: `x` serves both).
+        """
+        x, y = self.batcher.next_batch()
+        if self.labelled is None:
+            return x, y, None
+        x_labelled, y_labelled = self.labelled.next_batch()
+        return x_labelled, y_labelled, x
+
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, epoch: int, x_px: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """One optimisation step on a batch: negatives, loss, backward, update.
+
+        Args:
+            x, y: images and labels for log p(y|x) (and for the log p(x) terms when `x_px` is None).
+            epoch: the current epoch (learning-rate schedule).
+            x_px: semi-supervised runs (`next_batch`): images for the log p(x) terms, drawn from all training
+                images; ignored when the objective has no p(x) term (the softmax baseline).
+        """
         if self.egc is not None:
             return self._egc_step(x, y, epoch)
         cfg = self.config
         x, y = x.to(self.device), y.to(self.device)
         if cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if x_px is not None and self.weights.px > 0:
+            x_px = x_px.to(self.device)
+            if cfg.train.channels_last:
+                x_px = x_px.contiguous(memory_format=torch.channels_last)
+        else:
+            x_px = None
         lr = learning_rate(cfg, self.step, epoch)
         set_learning_rate(self.optimizer, lr)
         n_neg = cfg.sampler.batch_size or len(x)
@@ -294,12 +354,14 @@ class Trainer:
             for key in ("sgld_steps", "sgld_chain_steps"):
                 stats[key] = stats.get(key, 0) + cond_stats[key]
         # Augmentation (data.augment) for log p(y|x); the p(x) terms take the unaugmented images with
-        # data.augment_px=none (SADA-JEM), else the same ones.
-        x_px = None
+        # data.augment_px=none (SADA-JEM), else the same ones (their own batch, augmented alike, with few labels).
         if cfg.data.augment != "none":
             x_plain = x
             x = augment(x, cfg.data.augment, self.noise_generator)
-            if cfg.data.augment_px == "none" and self.uses_sampler:
+            if x_px is not None:
+                if cfg.data.augment_px != "none":
+                    x_px = augment(x_px, cfg.data.augment, self.noise_generator)
+            elif cfg.data.augment_px == "none" and self.uses_sampler:
                 x_px = x_plain
         if cfg.objective.input_noise > 0:
             noise = torch.randn(x.shape, generator=self.noise_generator, device=x.device)
@@ -537,11 +599,25 @@ class Trainer:
             f"jemlab: preset={cfg.preset} dataset={self.splits.name} model={cfg.model.name} "
             f"({n_params / 1e6:.2f}M params) device={self.device} threads={torch.get_num_threads()} "
             f"processes={self.dist.world_size} malloc={'tuned' if allocator_status()['tuned'] else 'default'} "
-            f"train={len(self.splits.train)} val={len(self.splits.val)} steps/epoch={len(self.batcher)} "
+            f"train={len(self.splits.train)} {self.label_budget()}val={len(self.splits.val)} "
+            f"steps/epoch={len(self.batcher)} "
             f"budget={'none' if budget is None else f'{t.minutes:g} min'} run_dir={self.run_dir}"
         )
         for line in header_lines(self.choices, self.device):
             self._log.info(line)
+
+    def label_budget(self) -> str:
+        """The header's label budget, e.g. ``labels=10/class (100 labelled of 55,000) `` (empty with all labels)."""
+        if self.labelled is None:
+            return ""
+        n = self.config.data.labels_per_class
+        pool = len(self.batcher.dataset)
+        unlabelled = pool - len(self.splits.train)
+        extra = f" + {unlabelled:,} unlabelled" if unlabelled else ""
+        return (
+            f"labels={'all' if n is None else f'{n}/class'} "
+            f"({len(self.labelled_index):,} labelled of {len(self.splits.train):,}{extra}) "
+        )
 
     def _train(self, stop: StopRequest) -> tuple[str, str | None]:
         """The iterations. Returns the stop reason and, when recovery gave up, the error to raise."""
@@ -560,9 +636,10 @@ class Trainer:
             while self.step < total_steps:
                 # Batch (the batcher rolls over to a new epoch by itself).
                 epoch = self.step // steps_per_epoch
-                x, y = self.batcher.next_batch()
+                x, y, x_px = self.next_batch()
                 try:
-                    stats = self.train_step(x, y, epoch)
+                    # With all labels the three-argument step, as before (wrappers of train_step rely on it).
+                    stats = self.train_step(x, y, epoch) if x_px is None else self.train_step(x, y, epoch, x_px=x_px)
                 except DivergenceDetected as err:
                     # Divergence: back to the last healthy snapshot, with the recovery policy's changes applied;
                     # or, with recovery off or out of retries, stop from that healthy state with a clear error.
@@ -667,6 +744,8 @@ class Trainer:
             "epoch": self.step / len(self.batcher),
             **self.evaluate("val"),
             **self.evaluate("test"),
+            "labels_per_class": self.config.data.labels_per_class,  # None: every training label
+            "labelled_images": len(self.labelled_index),
             "recoveries": self.recovery.recoveries,
             "recovery_reasons": [event["reason"] for event in self.recovery.history],
             "checkpoint": None if ckpt is None else str(ckpt),
