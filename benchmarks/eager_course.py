@@ -1,7 +1,7 @@
 """The course code's training iteration (SPEC S2; UvA DL tutorial 8 style), re-implemented eagerly as a baseline.
 
 Written the way the course notebook writes it: a Python-list buffer of single images, ``random.choices`` for old
-samples, ``torch.rand`` for new ones, the SGLD loop of `benchmarks.sgld.reference_sgld` (fp32, NCHW), one forward
+samples, ``torch.rand`` for new ones, the SGLD loop of `reference_sgld` below (fp32, NCHW), one forward
 pass over real and fake images, loss = α·(E_real² + E_fake²).mean() + (E_real − E_fake).mean() + CE, Adam.
 Only the speed of this baseline matters; it uses jemlab's course network so both sides run the same arithmetic.
 """
@@ -13,10 +13,32 @@ import random
 import torch
 import torch.nn.functional as F
 
-from benchmarks.sgld import reference_sgld
-from jemlab.config import Config
+from jemlab.config import Config, SamplerConfig
 from jemlab.data import DatasetSplits, RandomBatcher
-from jemlab.models import build_model
+from jemlab.models import EnergyModel, build_model
+
+
+def reference_sgld(model: EnergyModel, x_init: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
+    """(a) The eager loop as the course code writes it (noise → clamp → gradient → clipped step → clamp)."""
+    for p in model.parameters():
+        p.requires_grad = False
+    x = x_init.clone()
+    x.requires_grad = True
+    noise = torch.randn(x.shape)
+    for _ in range(cfg.steps):
+        noise.normal_(0, cfg.noise)
+        x.data.add_(noise.data)
+        x.data.clamp_(min=-1.0, max=1.0)
+        energy = model.energy(x)
+        energy.sum().backward()
+        x.grad.data.clamp_(-cfg.grad_clamp, cfg.grad_clamp)
+        x.data.add_(-cfg.step_size * x.grad.data)
+        x.grad.detach_()
+        x.grad.zero_()
+        x.data.clamp_(min=-1.0, max=1.0)
+    for p in model.parameters():
+        p.requires_grad = True
+    return x.detach()
 
 
 class EagerCourseTrainer:

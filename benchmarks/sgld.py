@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_result
+from benchmarks.eager_course import reference_sgld
 from benchmarks.flops import count_flops, cpu_peak, measured_matmul_gflops
 from jemlab.accel import fast
 from jemlab.allocator import allocator_status, tune_allocator
@@ -76,29 +77,6 @@ MODES = {
         Mode("explicit-bf16-nhwc", precision="bf16", channels_last=True, gradient="explicit"),
     ]
 }
-
-
-def reference_sgld(model: EnergyModel, x_init: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
-    """(a) The eager loop as the course code writes it (noise → clamp → gradient → clipped step → clamp)."""
-    for p in model.parameters():
-        p.requires_grad = False
-    x = x_init.clone()
-    x.requires_grad = True
-    noise = torch.randn(x.shape)
-    for _ in range(cfg.steps):
-        noise.normal_(0, cfg.noise)
-        x.data.add_(noise.data)
-        x.data.clamp_(min=-1.0, max=1.0)
-        energy = model.energy(x)
-        energy.sum().backward()
-        x.grad.data.clamp_(-cfg.grad_clamp, cfg.grad_clamp)
-        x.data.add_(-cfg.step_size * x.grad.data)
-        x.grad.detach_()
-        x.grad.zero_()
-        x.data.clamp_(min=-1.0, max=1.0)
-    for p in model.parameters():
-        p.requires_grad = True
-    return x.detach()
 
 
 def jemlab_sampler(model: EnergyModel, mode: Mode, cfg: SamplerConfig) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -467,38 +467,10 @@ def evaluate_run(
         )
         notes.extend(ood_notes)
 
-    defend_fn = None
-    defence: dict[str, Any] | None = None
-    if "robustness" in opts.parts and opts.defence_steps > 0:
-        s = run.config.sampler
-        opts.defence_step_size, opts.defence_noise = _langevin_settings(run)
-        defend_fn = make_defend_fn(
-            run,
-            steps=opts.defence_steps,
-            init_noise=opts.defence_init_noise,
-            generator=torch.Generator().manual_seed(opts.seed + 1),
-        )
-        defence = {
-            "method": "SGLD refinement of the input on the model's energy, logits averaged over chains",
-            "attack": "EOT: PGD differentiates through every refinement step (no BPDA approximation)",
-            "steps": opts.defence_steps,
-            "step_size": opts.defence_step_size,
-            "noise": opts.defence_noise,
-            "grad_clamp": s.grad_clamp,
-            "init_noise": opts.defence_init_noise,
-            "chains": opts.defence_chains,
-            "eot_samples": opts.defence_eot,
-            "n_images": min(opts.defence_n, opts.pgd_n),
-        }
-        if s.grad_clamp is not None:
-            notes.append(f"JEM defence: the energy gradient is clipped to ±{s.grad_clamp} as in the run's sampler.")
+    defend_fn, defence = _defence(run, opts, notes)
 
     if "samples" in opts.parts:
-        if feature_net is None:
-            notes.append((feature_net_info or {}).get("note", "Fréchet distance/KID skipped: no feature net."))
-        elif feature_net_info and feature_net_info.get("note"):
-            note = str(feature_net_info["note"]).rstrip(".")
-            notes.append(note[:1].upper() + note[1:] + ".")
+        notes.extend(_feature_net_notes(feature_net, feature_net_info))
 
     test_metrics = evaluate_split(run.model, splits.test, run.device, prefix="test")
 
@@ -530,3 +502,44 @@ def evaluate_run(
             log=say,
             finalize=finalize,
         )
+
+
+def _defence(run: LoadedRun, opts: SuiteOptions, notes: list[str]) -> tuple[Callable | None, dict[str, Any] | None]:
+    """The SGLD refinement defence the robustness part attacks (None, None when it is off), and its protocol.
+
+    Fills the defence's step size and noise into `opts` from the run's sampler and adds a note on clipping."""
+    if "robustness" not in opts.parts or opts.defence_steps <= 0:
+        return None, None
+    s = run.config.sampler
+    opts.defence_step_size, opts.defence_noise = _langevin_settings(run)
+    defend_fn = make_defend_fn(
+        run,
+        steps=opts.defence_steps,
+        init_noise=opts.defence_init_noise,
+        generator=torch.Generator().manual_seed(opts.seed + 1),
+    )
+    defence = {
+        "method": "SGLD refinement of the input on the model's energy, logits averaged over chains",
+        "attack": "EOT: PGD differentiates through every refinement step (no BPDA approximation)",
+        "steps": opts.defence_steps,
+        "step_size": opts.defence_step_size,
+        "noise": opts.defence_noise,
+        "grad_clamp": s.grad_clamp,
+        "init_noise": opts.defence_init_noise,
+        "chains": opts.defence_chains,
+        "eot_samples": opts.defence_eot,
+        "n_images": min(opts.defence_n, opts.pgd_n),
+    }
+    if s.grad_clamp is not None:
+        notes.append(f"JEM defence: the energy gradient is clipped to ±{s.grad_clamp} as in the run's sampler.")
+    return defend_fn, defence
+
+
+def _feature_net_notes(feature_net: FeatureNet | None, info: dict[str, Any] | None) -> list[str]:
+    """What the report says about the domain feature net behind FD/KID (skipped, or where it came from)."""
+    if feature_net is None:
+        return [(info or {}).get("note", "Fréchet distance/KID skipped: no feature net.")]
+    if info and info.get("note"):
+        note = str(info["note"]).rstrip(".")
+        return [note[:1].upper() + note[1:] + "."]
+    return []

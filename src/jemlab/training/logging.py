@@ -65,10 +65,6 @@ class MetricsWriter:
             except ImportError:
                 self._tb = None
 
-    @property
-    def tensorboard_enabled(self) -> bool:
-        return self._tb is not None
-
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         if self._tb is not None:
