@@ -59,7 +59,8 @@ def course_model():
 # --- the probe -----------------------------------------------------------------------------------------------------
 
 
-def test_every_capability_is_found_with_a_reason_on_this_machine():
+def test_every_capability_is_found_with_a_reason_on_this_machine(monkeypatch):
+    use_probe(monkeypatch, "")  # this machine's own findings, whatever JEMLAB_PROBE the suite runs under
     found = probe("cpu")
     for name in CAPABILITIES:
         assert isinstance(found[name].ok, bool)
@@ -72,7 +73,8 @@ def test_every_capability_is_found_with_a_reason_on_this_machine():
     assert found.ok("version_counter")
 
 
-def test_native_bf16_agrees_with_what_torch_reports_about_this_cpu():
+def test_native_bf16_agrees_with_what_torch_reports_about_this_cpu(monkeypatch):
+    use_probe(monkeypatch, "")
     isa = private_ops.torch_cpu_isa()
     native = probe("cpu")["bf16_native"]
     expected = isa["avx512_bf16"] or isa["amx_tile"] or "avx_ne_convert" in private_ops.os_cpu_flags()
@@ -98,6 +100,7 @@ def test_a_bad_override_is_a_one_line_error(text):
 
 def test_a_failing_operator_is_reported_as_missing(monkeypatch):
     """'Does it work' is decided by trying: an operator that raises (as oneDNN's bf16 reorder does on AVX2) is no."""
+    use_probe(monkeypatch, "")
 
     def raising(*args, **kwargs):
         raise RuntimeError("mkldnn_reorder_conv2d_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw")
