@@ -91,3 +91,21 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         assert err.startswith(f"error: jemlab {argv[0]}: argument") and "\n" not in err, err
     assert main(["train", "--dry-run", "--preset", "course"]) == 0
     assert json.loads(capsys.readouterr().out)["sampler"]["steps"] == 60
+
+
+def test_resume_auto_starts_a_new_run_then_continues_it(tmp_path, tiny_idx_dir, capsys):
+    """A restart script can always pass `--resume auto`: the first start trains, later starts continue."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')  # a start killed before its first checkpoint
+    assert main([*_train_args(tiny_idx_dir, run, extra=["--epochs", "1"]), "--resume", "auto"]) == 0
+    assert (run / "checkpoints" / "latest").exists()
+    unfinished = list(run.glob("metrics.unfinished-*.jsonl"))
+    assert len(unfinished) == 1 and '"step": 7' in unfinished[0].read_text()  # kept, not appended to
+    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert first[0]["step"] != 7
+    assert main(["train", "--run-dir", str(run), "--resume", "auto", "--epochs", "2", "--no-progress"]) == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(line["step"] for line in lines) == 2 * (500 // 32)
+    assert main(["train", "--resume", "auto", "--epochs", "1"]) == 2
+    assert "--resume auto needs --run-dir" in capsys.readouterr().err

@@ -86,7 +86,14 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--threads", type=positive_int, help="CPU threads for torch")
     g = p.add_argument_group("output")
     g.add_argument("--run-dir", type=Path, help="run folder (default: runs/<preset>-<dataset>-<time>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        choices=("latest", "auto"),
+        help="continue the run in --run-dir from its latest checkpoint; `--resume auto` also starts the run when the "
+        "folder has no checkpoint yet (for restart scripts that always pass it)",
+    )
     g.add_argument("--log-file", type=Path, help="also write the log to this file")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -102,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / f"{config.preset}-{_slug(config.data.dataset)}-{stamp}"
     resume_from = None
     has_checkpoint = (run_dir / "checkpoints" / "latest").exists()
+    if args.resume == "auto":
+        if args.run_dir is None:
+            raise ConfigError("--resume auto needs --run-dir: the folder to continue, or to start the run in")
+        if not has_checkpoint:  # a first start, or a restart before the first checkpoint: start the run afresh
+            args.resume = None
+            if not args.dry_run:
+                _set_aside_unfinished_metrics(run_dir, stamp)
     if args.resume:
         if not has_checkpoint:
             raise ConfigError(f"--resume: {run_dir} has no checkpoint (checkpoints/latest); check --run-dir")
@@ -157,6 +171,14 @@ def _new_config(args: argparse.Namespace):
 def _slug(dataset: str) -> str:
     """A dataset name or path as part of a folder name: ``fashion-mnist``, or ``flowers`` for ``~/data/flowers/``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(dataset).stem).strip("._") or "dataset"
+
+
+def _set_aside_unfinished_metrics(run_dir: Path, stamp: str) -> None:
+    """A start that died before its first checkpoint left metrics the new start must not append to: keep them
+    beside it (nothing of a run is deleted) as metrics.unfinished-<time>.jsonl."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        metrics.rename(run_dir / f"metrics.unfinished-{stamp}.jsonl")
 
 
 def _resumed_config(args: argparse.Namespace, run_dir: Path):
