@@ -97,3 +97,12 @@ def test_egc_samples_do_not_depend_on_the_batch_size(sampler, conditional):
     assert _same(draw(5, 2), whole) and _same(draw(5, 1), whole)
     assert _same(draw(3, 2), whole[:3])
     assert not torch.equal(whole[0], whole[1])
+
+
+def test_samples_start_from_different_buffer_images_while_there_are_enough(tmp_path, tiny_config_overrides):
+    """Independent draws started several samples of a class from the same buffer image (near-copies after K steps);
+    now the k-th sample of a class takes the k-th entry of one seeded permutation of the candidates."""
+    trainer = _trainer(tmp_path, tiny_config_overrides)
+    buffer = trainer.buffer.images[: len(trainer.buffer)]
+    x, _ = generate(trainer, 24, steps=0, generator=torch.Generator().manual_seed(0))
+    assert len(buffer) >= 24 and len(torch.unique(x.flatten(1), dim=0)) == 24

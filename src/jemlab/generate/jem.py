@@ -28,13 +28,26 @@ if TYPE_CHECKING:
     from jemlab.generate import SamplingSource
 
 
+def _distinct(candidates: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`count` entries of `candidates`, all different while there are enough: the k-th is entry k of one seeded
+    permutation (cycled), so it depends on the seed and on k only, not on how many are drawn or in what batches."""
+    order = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))]
+    return order[torch.arange(count) % len(order)]
+
+
 def _start_points(
     source: SamplingSource,
     labels: torch.Tensor | None,
     init: str,
     generators: SampleGenerators,
+    seed: int,
 ) -> torch.Tensor:
-    """(n, C, H, W) starting images on the CPU; sample i's choices from ``generators[i]`` (CPU)."""
+    """(n, C, H, W) starting images on the CPU.
+
+    From the initialiser, sample i's draw comes from ``generators[i]``. From the buffer, samples take *different*
+    buffer images while the buffer (or the class's share of it) has enough: drawn independently, a few images were
+    drawn again and again, and their chains ended as near-copies of each other. The k-th sample of a class takes
+    entry k of a permutation seeded by `seed` and the class."""
     buffer = source.buffer
     if init == "noise" or buffer is None:
         draws = [
@@ -43,9 +56,14 @@ def _start_points(
         ]
         return torch.cat(draws)
     if labels is None:
-        return buffer.images[generators.randint(len(buffer))].clone()
+        return buffer.images[_distinct(torch.arange(len(buffer)), len(generators), seed)].clone()
     if buffer.class_conditional:
-        return buffer.images[labels * buffer.per_class + generators.randint(buffer.per_class)].clone()
+        pick = torch.empty(len(labels), dtype=torch.long)
+        for c in labels.unique().tolist():
+            rows = (labels == c).nonzero().squeeze(1)
+            slots = c * buffer.per_class + torch.arange(buffer.per_class)
+            pick[rows] = _distinct(slots, len(rows), _class_seed(seed, c))
+        return buffer.images[pick].clone()
     probs, energy = _buffer_scores(source)
     predicted = probs.argmax(1)
     energy_cut = energy.quantile(0.25)
@@ -60,9 +78,12 @@ def _start_points(
         # probable candidates.
         probable = candidates[energy[candidates] <= energy_cut]
         candidates = probable if len(probable) > 0 else candidates[energy[candidates].argsort()[:16]]
-        pick = candidates[generators[rows].randint(len(candidates))]
-        starts[rows] = buffer.images[: len(buffer)][pick]
+        starts[rows] = buffer.images[: len(buffer)][_distinct(candidates, len(rows), _class_seed(seed, c))]
     return starts
+
+
+def _class_seed(seed: int, c: int) -> int:
+    return (seed * 1_000_003 + c + 1) % 2**63
 
 
 @torch.no_grad()
@@ -138,7 +159,7 @@ def generate_jem(
     # Langevin noise from one on the model's device seeded noise_seed + i.
     start_seed, noise_seed = draw_seeds(generator, 2)
     starts = SampleGenerators.seeded(start_seed, n, "cpu")
-    x_start = _start_points(source, None if labels is None else labels.cpu(), mode, starts)
+    x_start = _start_points(source, None if labels is None else labels.cpu(), mode, starts, start_seed)
     noises = SampleGenerators.seeded(noise_seed, n, source.device)
     x = _langevin(source, x_start, labels, steps, noises, batch_size)
     protocol = {
