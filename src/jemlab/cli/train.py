@@ -114,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--resume auto needs --run-dir: the folder to continue, or to start the run in")
         if not has_checkpoint:  # a first start, or a restart before the first checkpoint: start the run afresh
             args.resume = None
-            if not args.dry_run:
-                _set_aside_unfinished_metrics(run_dir, stamp)
     if args.resume:
         if not has_checkpoint:
             raise ConfigError(f"--resume: {run_dir} has no checkpoint (checkpoints/latest); check --run-dir")
@@ -171,14 +169,6 @@ def _new_config(args: argparse.Namespace):
 def _slug(dataset: str) -> str:
     """A dataset name or path as part of a folder name: ``fashion-mnist``, or ``flowers`` for ``~/data/flowers/``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(dataset).stem).strip("._") or "dataset"
-
-
-def _set_aside_unfinished_metrics(run_dir: Path, stamp: str) -> None:
-    """A start that died before its first checkpoint left metrics the new start must not append to: keep them
-    beside it (nothing of a run is deleted) as metrics.unfinished-<time>.jsonl."""
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        metrics.rename(run_dir / f"metrics.unfinished-{stamp}.jsonl")
 
 
 def _resumed_config(args: argparse.Namespace, run_dir: Path):

@@ -552,7 +552,7 @@ class Trainer:
         if resume_from is not None:
             self._resume_run(resume_from)
         # Run folder: config.json and metrics.jsonl; then the header (settings and hardware choices).
-        self._open_run_dir()
+        self._open_run_dir(fresh=resume_from is None)
         self._log_header()
         # Iterations until the end of training, a stop or a divergence that is not recovered from.
         stop_reason, failure = self._train(stop)
@@ -574,11 +574,17 @@ class Trainer:
             remove_stale_temporaries(self.run_dir / "checkpoints")
         self._log.info(f"resumed from {resume_from} at step {self.step}, epoch {self.batcher.epoch}")
 
-    def _open_run_dir(self) -> None:
-        """Rank 0 with a run directory: write config.json and open metrics.jsonl for appending."""
+    def _open_run_dir(self, fresh: bool) -> None:
+        """Rank 0 with a run directory: write config.json and open metrics.jsonl for appending.
+
+        A fresh start in a folder where an earlier start died before its first checkpoint must not append to that
+        start's metrics: they are kept beside the new ones (nothing of a run is deleted)."""
         if self.run_dir is None or not self.dist.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = self.run_dir / "metrics.jsonl"
+        if fresh and metrics.exists():
+            metrics.rename(self.run_dir / f"metrics.unfinished-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         atomic_write_bytes(self.run_dir / "config.json", (self.config.to_json() + "\n").encode())
         self.metrics_lines = count_lines(self.run_dir / "metrics.jsonl")
         self._writer = MetricsWriter(self.run_dir, tensorboard=self.config.train.tensorboard)
