@@ -25,10 +25,10 @@ import torch
 
 from benchmarks.common import write_result
 from jemlab.data import load_dataset
-from jemlab.evaluation import sample_quality as sq
-from jemlab.evaluation.command import reference_feature_net
 from jemlab.evaluation.suite_context import load_subset as _load
 from jemlab.generate import generate
+from jemlab.quality import metrics as sq
+from jemlab.quality.reference import reference_feature_net
 from jemlab.run import load_run
 
 

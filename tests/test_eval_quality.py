@@ -11,15 +11,15 @@ import torch
 from torch import nn
 
 from jemlab.errors import JemlabError
-from jemlab.evaluation import sample_quality as sq
-from jemlab.evaluation.feature_net import (
+from jemlab.evaluation.suite import SuiteOptions, run_suite
+from jemlab.quality import metrics as sq
+from jemlab.quality.feature_net import (
     FeatureNet,
     load_feature_net,
     save_feature_net,
     to_model_range,
     train_feature_net,
 )
-from jemlab.evaluation.suite import SuiteOptions, run_suite
 
 # ------------------------------------------------------------------------------------ Fréchet / KID
 

@@ -36,7 +36,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jemlab.data import load_dataset
-    from jemlab.evaluation.command import feature_net_path, reference_feature_net
+    from jemlab.quality.reference import feature_net_path, reference_feature_net
 
     if args.threads is not None:
         import torch

@@ -11,12 +11,10 @@ from __future__ import annotations
 __all__ = [
     "calibration",
     "classification",
-    "feature_net",
     "ood_metrics",
     "ood_scores",
     "ood_sets",
     "report",
     "robustness",
-    "sample_quality",
     "suite",
 ]

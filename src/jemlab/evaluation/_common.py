@@ -2,50 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from jemlab.errors import JemlabError
+from jemlab.quality.arrays import ArrayLike, to_numpy, to_tensor
 
-ArrayLike = Tensor | np.ndarray
-
-
-def to_numpy(a: Any, dtype: Any = None) -> np.ndarray:
-    """Convert a torch tensor, numpy array or sequence to a numpy array on the CPU.
-
-    Args:
-        a: Tensor (any device, may require grad), numpy array, or nested sequence of numbers.
-        dtype: Optional numpy dtype for the result.
-
-    Returns:
-        A numpy array (a copy when a dtype change or device transfer is needed).
-    """
-    if isinstance(a, Tensor):
-        a = a.detach().cpu().numpy()
-    arr = np.asarray(a)
-    if dtype is not None:
-        arr = arr.astype(dtype, copy=False)
-    return arr
-
-
-def to_tensor(a: Any, dtype: torch.dtype | None = None) -> Tensor:
-    """Convert a numpy array, tensor or sequence to a detached CPU tensor.
-
-    Args:
-        a: Tensor, numpy array or nested sequence.
-        dtype: Optional torch dtype for the result.
-
-    Returns:
-        A detached CPU tensor.
-    """
-    t = a.detach().cpu() if isinstance(a, Tensor) else torch.as_tensor(np.asarray(a))
-    if dtype is not None:
-        t = t.to(dtype)
-    return t
-
+__all__ = ["ArrayLike", "check_logits_labels", "to_numpy", "to_tensor"]
 
 def check_logits_labels(logits: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:
     """Validate and convert a (N, C) logits matrix and (N,) integer labels.

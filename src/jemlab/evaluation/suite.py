@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from jemlab.errors import JemlabError
-from jemlab.evaluation import sample_quality as sq
 from jemlab.evaluation.report import write_report
 from jemlab.evaluation.suite_classifier import evaluate_calibration, evaluate_classification, evaluate_robustness
 from jemlab.evaluation.suite_context import (
@@ -37,6 +36,7 @@ from jemlab.evaluation.suite_context import (
 from jemlab.evaluation.suite_ood import evaluate_ood
 from jemlab.evaluation.suite_options import SampleFn, SuiteOptions
 from jemlab.evaluation.suite_samples import evaluate_samples
+from jemlab.quality import metrics as sq
 
 __all__ = ["PARTS", "SampleFn", "SuiteOptions", "run_suite"]
 
@@ -80,7 +80,7 @@ def run_suite(
             None.
         feature_net: Module with ``features(x)`` (and ``forward`` logits) for Fréchet distance/KID
             and an independent classifier of the samples; e.g. a
-            :class:`~jemlab.evaluation.feature_net.FeatureNet`.
+            :class:`~jemlab.quality.feature_net.FeatureNet`.
         options: Sizes and switches (default :class:`SuiteOptions`).
         defend_fn: Differentiable refinement for the JEM defence; default SGLD on ``model.energy``
             with the ``options.defence_*`` settings.

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from jemlab.errors import JemlabError
 from jemlab.evaluation import classification as cls
-from jemlab.evaluation import sample_quality as sq
 from jemlab.evaluation.suite_context import PartResult, SuiteContext, on_device, split_of
+from jemlab.quality import metrics as sq
 
 if TYPE_CHECKING:
     from jemlab.evaluation.suite_options import SampleFn

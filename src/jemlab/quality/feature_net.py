@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jemlab.errors import JemlabError
-from jemlab.evaluation._common import to_tensor
+from jemlab.quality.arrays import to_tensor
 
 __all__ = [
     "FeatureNet",

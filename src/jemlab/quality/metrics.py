@@ -4,7 +4,7 @@ Published numbers (SPEC): JEM CIFAR-10 FID 38.4 / IS 8.76; JEM++ FID 38.0; SADA-
 replay buffer after a confidence filter, not 50k fresh samples); EGC FID 3.30. Those use
 Inception-v3 features (Heusel et al., 2017). jemlab has no Inception weights offline, so by default
 the Fréchet distance is computed on the penultimate features of a small domain classifier
-(:mod:`jemlab.evaluation.feature_net`); such numbers are only comparable with each other (same
+(:mod:`jemlab.quality.feature_net`); such numbers are only comparable with each other (same
 feature net, same sample count), never with published FIDs.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from jemlab.errors import JemlabError
-from jemlab.evaluation._common import ArrayLike, to_numpy
+from jemlab.quality.arrays import ArrayLike, to_numpy
 
 __all__ = [
     "class_histogram",
