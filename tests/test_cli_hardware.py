@@ -45,8 +45,9 @@ def test_an_avx2_machine_gets_fp32_chains(capsys, monkeypatch):
     assert "bf16_native" in record["overridden"]
 
 
-def test_egc_presets_resolve_their_one_precision(capsys):
-    assert set(_json(capsys, "--preset", "egc")["choices"]) == {"egc.precision"}
+@pytest.mark.parametrize("preset", ["egc", "egc-control"])
+def test_egc_presets_resolve_their_one_precision(preset, capsys):
+    assert set(_json(capsys, "--preset", preset)["choices"]) == {"egc.precision"}
 
 
 @pytest.mark.parametrize(

@@ -248,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     trained = load_run(args.checkpoint, device=args.device)
     apply_egc_flags(args, trained.config)
+    if not getattr(trained.model, "has_classifier", True):
+        _check_parts_without_classifier(args)
     d = trained.config.data
     splits = load_dataset(
         d.dataset,
@@ -271,6 +273,22 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(text + "\n")
     print(text)
     return 0
+
+
+def _check_parts_without_classifier(args: argparse.Namespace) -> None:
+    """A checkpoint without a classifier (EGC's plain ε-prediction control) has only samples to evaluate: the fast
+    path and explicitly requested classifier parts are one-line errors; --all evaluates the samples and notes the
+    rest as skipped."""
+    from jemlab.evaluation.suite import CLASSIFIER_PARTS
+
+    what = "this checkpoint is the plain ε-prediction control (egc.parameterisation=epsilon) and has no classifier"
+    if not (args.all or args.parts is not None):
+        raise ConfigError(f"{what} to score; evaluate its samples with --parts samples --report DIR")
+    asked = [part for part in args.parts or () if part in CLASSIFIER_PARTS]
+    if asked:
+        raise ConfigError(f"--parts {','.join(asked)}: {what}; evaluate its samples with --parts samples")
+    if args.all:
+        say(f"eval: {what}: only the samples part runs ({', '.join(CLASSIFIER_PARTS)} are skipped)")
 
 
 def _run_full(args: argparse.Namespace, trained: Any, splits: Any) -> int:

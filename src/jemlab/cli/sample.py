@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"out": None if args.out is None else str(args.out), **samples.protocol}
     if args.animate is not None:
         report["animate"] = str(args.animate)
-    if labels is not None:
-        report["self_agreement"] = model.self_agreement(samples)
+    if labels is not None:  # None for a model without a classifier (EGC's plain ε-prediction control)
+        classifier = getattr(model.run.model, "has_classifier", True)
+        report["self_agreement"] = model.self_agreement(samples) if classifier else None
     print(json.dumps(report))
     return 0

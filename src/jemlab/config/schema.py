@@ -154,6 +154,9 @@ class RecoveryConfig:
 class EGCConfig:
     """EGC (Guo et al., ICCV 2023; SPEC S5), read when objective.name=egc: noise schedule, loss, EMA, sampler."""
 
+    # energy: EGC, ε̂ = √(1 − ᾱ_t)∇ₓE(x_t, t) plus the CE terms; epsilon: the control, a plain ε-prediction diffusion
+    # model of the same UNet (model.output=epsilon: the output head emits ε̂), denoising loss only, no classifier
+    parameterisation: str = "energy"
     schedule: str = "linear"  # β schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)
     timesteps: int = 1000  # T diffusion steps
     gamma: float = 0.005  # weight of CE(f(x_t, t), y)·√ᾱ_t on noisy images (EGC: 0.001–0.005)

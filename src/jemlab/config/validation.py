@@ -211,6 +211,7 @@ def _validate_recovery_detectors(r: RecoveryConfig) -> None:
 
 
 def _validate_egc(e: EGCConfig) -> None:
+    _one_of(e.parameterisation, "egc.parameterisation", ("energy", "epsilon"))
     _one_of(e.schedule, "egc.schedule", ("linear", "cosine"))
     _check(e.timesteps >= 2, f"egc.timesteps must be >= 2, got {e.timesteps}")
     for name in ("gamma", "gamma_clean"):
@@ -241,6 +242,37 @@ def _validate_egc_pairing(config: Config) -> None:
         config.objective.px == 0 and config.objective.pxy == 0,
         "objective.name=egc draws no SGLD negatives: set objective.px=0 and objective.pxy=0",
     )
+    _validate_egc_parameterisation(config)
+
+
+def _validate_egc_parameterisation(config: Config) -> None:
+    """The UNet's output head matches egc.parameterisation; the ε-prediction control has no classifier to guide."""
+    e, output = config.egc, config.model.options.get("output", "logits")
+    _one_of(output, "model.output", ("logits", "epsilon"), " (the EGC UNet's output head)")
+    if e.parameterisation == "epsilon":
+        _check(
+            output == "epsilon",
+            f"egc.parameterisation=epsilon (the plain ε-prediction control) needs the UNet's ε head: set "
+            f"model.output=epsilon (got '{output}'), or start from --preset egc-control",
+        )
+        _check(
+            e.guidance == 0,
+            f"classifier guidance (egc.guidance={e.guidance:g}) needs a classifier, and egc.parameterisation=epsilon "
+            f"(the plain ε-prediction control) has none: use --guidance 0 (egc.guidance=0; per-class samples then "
+            f"come from the label conditioning)",
+        )
+        _check(
+            config.model.options.get("label_conditioning", True) is True,
+            "egc.parameterisation=epsilon draws its per-class samples (training grids, --per-class) through the "
+            "label conditioning: keep model.label_conditioning=true",
+        )
+    else:
+        _check(
+            output == "logits",
+            f"model.output={output} gives the UNet no energy: it belongs to egc.parameterisation=epsilon "
+            f"(--preset egc-control); EGC's energy parameterisation needs model.output=logits",
+        )
+
 
 
 def _validate_semi_supervised(config: Config) -> None:

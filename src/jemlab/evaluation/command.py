@@ -29,6 +29,7 @@ from jemlab.data import DatasetSplits, load_dataset
 from jemlab.errors import JemlabError
 from jemlab.evaluation.robustness import LOSS_NAMES, langevin_defence
 from jemlab.evaluation.suite import SampleFn, SuiteOptions, run_suite
+from jemlab.evaluation.suite_context import has_classifier
 from jemlab.generate import generate
 from jemlab.quality.feature_net import FeatureNet
 from jemlab.quality.reference import feature_net_path, reference_feature_net, train_reference_feature_net
@@ -217,6 +218,9 @@ def partner_ood_sets(
 
 # ---------------------------------------------------------------- the whole evaluation
 
+#: What an EGC run's sample protocol adds to the samples part's (absent for JEM runs).
+_EGC_PROTOCOL_KEYS = ("parameterisation", "sampler", "eta", "guidance", "schedule", "weights")
+
 
 def _protocol_entries(
     metrics: dict[str, Any],
@@ -265,7 +269,7 @@ def _protocol_entries(
             "sgld_steps": first.get("steps"),
             "step_size": first.get("step_size"),
             "noise": first.get("noise"),
-            **{k: first[k] for k in ("sampler", "eta", "guidance", "schedule", "weights") if k in first},
+            **{k: first[k] for k in _EGC_PROTOCOL_KEYS if k in first},
             "sampler_calls": len(sample_protocols),
         }
         conditional = next((p for p in sample_protocols if p.get("conditional")), None)
@@ -328,7 +332,7 @@ def evaluate_run(
 
     ood_sets: dict[str, Tensor] = {}
     ood_notes: list[str] = []
-    if "ood" in opts.parts:
+    if "ood" in opts.parts and has_classifier(run.model):  # a model without one skips the part (run_suite)
         ood_sets, ood_notes = partner_ood_sets(
             splits.name,
             splits.image_shape,
@@ -381,7 +385,7 @@ def _defence(run: LoadedRun, opts: SuiteOptions, notes: list[str]) -> tuple[Call
     """The SGLD refinement defence the robustness part attacks (None, None when it is off), and its protocol.
 
     Fills the defence's step size and noise into `opts` from the run's sampler and adds a note on clipping."""
-    if "robustness" not in opts.parts or opts.defence_steps <= 0:
+    if "robustness" not in opts.parts or opts.defence_steps <= 0 or not has_classifier(run.model):
         return None, None
     s = run.config.sampler
     opts.defence_step_size, opts.defence_noise = _langevin_settings(run)

@@ -29,6 +29,7 @@ from jemlab.evaluation.suite_context import (
     PartResult,
     SuiteContext,
     batched_logits,
+    has_classifier,
     load_subset,
     model_device,
     split_of,
@@ -38,7 +39,11 @@ from jemlab.evaluation.suite_options import SampleFn, SuiteOptions
 from jemlab.evaluation.suite_samples import evaluate_samples
 from jemlab.quality import metrics as sq
 
-__all__ = ["PARTS", "SampleFn", "SuiteOptions", "run_suite"]
+__all__ = ["CLASSIFIER_PARTS", "PARTS", "SampleFn", "SuiteOptions", "run_suite"]
+
+#: The parts that read the model's classifier (logits, energy); a model without one (``has_classifier`` False: the
+#: plain ε-prediction control of EGC) skips them with a note and can be evaluated on its samples only.
+CLASSIFIER_PARTS: tuple[str, ...] = ("classification", "calibration", "ood", "robustness")
 
 #: The evaluation parts, name -> ``part(context) -> (metrics, log line)`` or None when skipped. They run in this
 #: order whatever the order of ``SuiteOptions.parts``: all draw from one seeded generator, so the order is part
@@ -70,7 +75,9 @@ def run_suite(
 
     Args:
         model: ``nn.Module`` with ``logits(x) -> (N, C)`` and ``energy(x) -> (N,)``; put in eval
-            mode during the run and restored afterwards.
+            mode during the run and restored afterwards. A model whose ``has_classifier`` is False (and
+            which then has ``num_classes``) is evaluated on its samples only: the parts in
+            :data:`CLASSIFIER_PARTS` and the samples' statistics under the model are skipped with a note.
         splits: Object (or mapping) with ``test`` and optionally ``val`` datasets exposing ``len()``
             and ``batch(index_tensor) -> (x float in [-1, 1], y int64)``.
         out_dir: Output directory.
@@ -122,7 +129,7 @@ def run_suite(
             x_test=x_test,
             y_test=y_test,
             logits_test=logits_test,
-            num_classes=int(logits_test.shape[1]),
+            num_classes=int(metrics["setup"]["num_classes"]),
             ood_sets=ood_sets,
             sample_fn=sample_fn,
             feature_net=feature_net,
@@ -133,6 +140,9 @@ def run_suite(
         # ---- the parts, in table order; a skipped part records no time
         for name, part in PARTS.items():
             if name not in opts.parts:
+                continue
+            if name in CLASSIFIER_PARTS and not has_classifier(model):
+                notes.append(f"{name.capitalize()} skipped: the model has no classifier (its samples only).")
                 continue
             t0 = time.monotonic()
             result = part(ctx)
@@ -176,12 +186,16 @@ def _load_test(
     if test is None:
         raise JemlabError("splits has no 'test' dataset; pass splits with .test (and ideally .val)")
     x_test, y_test = load_subset(test, opts.n_test, gen, opts.batch_size)
-    logits_test = batched_logits(model, x_test, opts.batch_size, device)
+    if has_classifier(model):
+        logits_test = batched_logits(model, x_test, opts.batch_size, device)
+        num_classes = int(logits_test.shape[1])
+    else:  # no logits to read: an empty (N, 0) tensor, and the class count from the model
+        logits_test, num_classes = torch.zeros(len(x_test), 0), int(model.num_classes)
     setup = {
         "n_test": len(x_test),
         "test_split_size": len(test),
         "image_shape": list(x_test.shape[1:]),
-        "num_classes": int(logits_test.shape[1]),
+        "num_classes": num_classes,
         "options": opts.to_dict(),
     }
     return x_test, y_test, logits_test, setup

@@ -21,7 +21,16 @@ from jemlab.evaluation import classification as cls
 if TYPE_CHECKING:
     from jemlab.evaluation.suite_options import SampleFn, SuiteOptions
 
-__all__ = ["PartResult", "SuiteContext", "batched_logits", "load_subset", "model_device", "on_device", "split_of"]
+__all__ = [
+    "PartResult",
+    "SuiteContext",
+    "batched_logits",
+    "has_classifier",
+    "load_subset",
+    "model_device",
+    "on_device",
+    "split_of",
+]
 
 #: What a part returns: its metrics (stored under the part's name) and one line for the progress log; ``None``
 #: when the part is skipped (no timing is recorded then).
@@ -65,6 +74,11 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def has_classifier(model: Any) -> bool:
+    """Whether the model has logits and an energy to read; False for EGC's plain ε-prediction control."""
+    return bool(getattr(model, "has_classifier", True))
+
+
 def batched_logits(model: Any, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
     """``model.logits`` of every image, batch by batch on ``device``, gathered on the CPU."""
     batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
@@ -91,7 +105,7 @@ class SuiteContext:
         fig_dir: Where the PNGs go.
         x_test: (N, C, H, W) test subset.
         y_test: (N,) its labels.
-        logits_test: (N, K) its logits.
+        logits_test: (N, K) its logits; (N, 0) for a model without a classifier.
         num_classes: K.
         ood_sets: The caller's named OOD image tensors.
         sample_fn: The caller's sampler, or None.

@@ -3,7 +3,9 @@
 Unconditional samples: the model's class histogram and its entropy (mode coverage), mean max-softmax and mean
 energy against the test images'. Class-conditional samples (when ``sample_fn`` takes labels): the model's
 accuracy on them. With a feature net: Fréchet distance and KID of the samples to the test images, the same
-between two real sets as a noise floor, and the feature net's own accuracy on the samples.
+between two real sets as a noise floor, and the feature net's own accuracy on the samples. A model without a
+classifier (EGC's plain ε-prediction control) has no statistics under the model: they are skipped with a note, and
+the feature net's are all there is.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from jemlab.errors import JemlabError
 from jemlab.evaluation import classification as cls
-from jemlab.evaluation.suite_context import PartResult, SuiteContext, on_device, split_of
+from jemlab.evaluation.suite_context import PartResult, SuiteContext, has_classifier, on_device, split_of
 from jemlab.quality import metrics as sq
 
 if TYPE_CHECKING:
@@ -91,8 +93,9 @@ def _conditional_samples(ctx: SuiteContext, shape: tuple[int, ...]) -> tuple[Ten
 def _conditional_stats(ctx: SuiteContext, x_c: Tensor, labels_c: Tensor) -> dict[str, Any]:
     """The model's accuracy on the class-conditional samples, and their grid (one row per class)."""
     num_classes = ctx.num_classes
-    logits_c = ctx.logits(x_c)
-    stats = {"model_accuracy": sq.sample_class_accuracy(logits_c, labels_c, num_classes)}
+    stats: dict[str, Any] = {}
+    if has_classifier(ctx.model):
+        stats["model_accuracy"] = sq.sample_class_accuracy(ctx.logits(x_c), labels_c, num_classes)
     order = torch.argsort(labels_c[: min(len(labels_c), 10 * num_classes)], stable=True)
     ctx.figures.append(
         (
@@ -190,7 +193,14 @@ def evaluate_samples(ctx: SuiteContext) -> PartResult:
     res["n"] = len(x_u)
     res["fraction_outside_range"] = float(((x_u < -1.0001) | (x_u > 1.0001)).double().mean())
     x_u = x_u.clamp(-1, 1)
-    res["unconditional"] = _unconditional_stats(ctx, x_u)
+    if has_classifier(ctx.model):
+        res["unconditional"] = _unconditional_stats(ctx, x_u)
+    else:
+        ctx.notes.append(
+            "Samples: the model has no classifier or energy (EGC's plain ε-prediction control), so the statistics "
+            "of the samples under the model (class histogram, confidence, energy, accuracy on class-conditional "
+            "samples) are not computed; the feature net's are."
+        )
     ctx.figures.append(
         (
             "Unconditional samples",

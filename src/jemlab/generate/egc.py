@@ -8,6 +8,10 @@ Dhariwal & Nichol, 2021, with EGC's own classifier, Guo et al., 2023):
 with p(y | x_t, t) = softmax(f(x_t, t)) and guidance scale s; when the network is label-conditioned the energy
 itself is the conditional one, E(x_t, t, y). Both gradients come from one backward pass of their sum.
 
+The control of the comparison (``egc.parameterisation=epsilon``, a plain ε-prediction diffusion model of the same
+UNet) goes through the same DDIM/DDPM loop with ε̂(x_t, t[, y]) read off its output head; its class-conditional
+samples come from its label conditioning alone. It has no classifier, so classifier guidance is an error for it.
+
 This is the run-level glue (config, weights, devices, random sources); the maths it drives (schedule, DDIM/DDPM
 loop) is `jemlab.diffusion`, which knows no run.
 """
@@ -46,6 +50,15 @@ def langevin_at_t0(config: Config) -> tuple[float, float]:
     return sigma0**2 / 2, sigma0
 
 
+def check_guidance(model: Any, labels: torch.Tensor | None, guidance: float) -> None:
+    """Refuse classifier guidance for a model without a classifier (the ε-prediction control), in one line."""
+    if labels is not None and guidance > 0 and not getattr(model, "has_classifier", True):
+        raise JemlabError(
+            f"classifier guidance (scale {guidance:g}) needs the model's own classifier, and this run is the plain "
+            f"ε-prediction control (egc.parameterisation=epsilon), which has none: sample it with --guidance 0"
+        )
+
+
 def guided_eps(
     model: Any,
     x: torch.Tensor,
@@ -70,6 +83,9 @@ def guided_eps(
     if labels is None:
         return model.eps(x, t, sigma)
     conditional = getattr(model, "label_embed", None) is not None
+    if not getattr(model, "has_classifier", True):  # the control: its label-conditioned ε̂, no guidance
+        check_guidance(model, labels, guidance)
+        return model.eps(x, t, sigma, labels if conditional else None)
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         m = model.logit_map(x_in, t, labels if conditional else None)
@@ -113,6 +129,7 @@ def generate_egc(
         raise JemlabError(f"got {len(labels)} labels for {n} samples")
     model = getattr(source, "eval_model", None)  # a Trainer's EMA weights; a loaded run's model already holds them
     model = source.model if model is None else model
+    check_guidance(model, labels, cfg.guidance)
     schedule = schedule_from_config(source.config)
     steps = cfg.sample_steps if steps is None else steps
     eta = sampler_eta(cfg.sampler, cfg.eta)
@@ -135,6 +152,7 @@ def generate_egc(
     model.train(was_training)
     protocol = {
         "init": "noise",
+        "parameterisation": cfg.parameterisation,  # energy (EGC) or epsilon (the plain diffusion control)
         "sampler": cfg.sampler,
         "steps": steps,
         "eta": eta,
@@ -168,6 +186,7 @@ def denoise_segment(
     there.
     """
     cfg = config.egc
+    check_guidance(model, labels, cfg.guidance)
     schedule = schedule_from_config(config)
     steps = sample_steps or cfg.sample_steps
     eta = sampler_eta(cfg.sampler, cfg.eta)

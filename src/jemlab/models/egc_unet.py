@@ -15,6 +15,12 @@ official code's conditional branch does; index C is the "no label" token, used f
 unconditional energy, and for the 10% of training labels that are dropped.
 
 The model knows no noise schedule: callers pass integer timesteps and, for `eps`, the noise level √(1 − ᾱ_t).
+
+``output="epsilon"`` builds the control of the EGC comparison instead: the same UNet trunk (time and label
+embeddings, residual blocks, attention, patches) whose output head, of the same width, emits ε̂(x_t, t[, y]) with
+the image's channels directly, as a plain ε-prediction diffusion model (Ho et al., 2020) does. It has no logit map,
+no energy and no classifier: ε̂ is read off the output, not differentiated out of an energy, so training needs no
+double back-propagation. `logits`, `energy` and the other classifier readings raise `NoClassifierError`.
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from jemlab.energy import joint_energy, marginal_energy
-from jemlab.errors import ConfigError
+from jemlab.errors import ConfigError, JemlabError
+
+#: What the output head emits: the per-pixel logit map (EGC's energy network) or ε̂ itself (the control).
+OUTPUTS = ("logits", "epsilon")
+
+
+class NoClassifierError(JemlabError):
+    """A classifier or energy reading was asked of the ε-prediction control, which has neither."""
 
 
 def _groups(channels: int) -> int:
@@ -147,6 +160,9 @@ class EGCUNet(nn.Module):
         patch: fold patch×patch pixels into channels before the first convolution and unfold the logit map at
             the end (pixel unshuffle/shuffle), so the UNet runs at 1/patch of the resolution: about patch² times
             cheaper, which is what makes a CPU run practical; the logit map stays per pixel.
+        output: ``"logits"`` (EGC: the per-pixel logit map, read as an energy and a classifier) or ``"epsilon"``
+            (the control: the last convolution emits ε̂ with ``in_channels`` channels instead of ``num_classes``;
+            ``energy`` and ``pool`` are then not used, and there is no attention pooling to build).
     """
 
     def __init__(
@@ -163,8 +179,11 @@ class EGCUNet(nn.Module):
         pool: str = "mean",
         label_conditioning: bool = True,
         patch: int = 1,
+        output: str = "logits",
     ) -> None:
         super().__init__()
+        if output not in OUTPUTS:
+            raise ConfigError(f"egc_unet output must be {' or '.join(OUTPUTS)}, got '{output}'")
         if energy not in ("map", "pooled"):
             raise ConfigError(f"egc_unet energy must be map or pooled, got '{energy}'")
         if pool not in ("mean", "attention"):
@@ -182,6 +201,9 @@ class EGCUNet(nn.Module):
             )
         self.num_classes = num_classes
         self.energy_form = energy
+        self.output = output
+        # The control has no classifier: the evaluation reads this to skip (or refuse) the parts that need one.
+        self.has_classifier = output == "logits"
         self.width = width
         attention = {int(a) for a in attention}
         emb_dim = 4 * width
@@ -225,13 +247,14 @@ class EGCUNet(nn.Module):
                     block.append(nn.Conv2d(ch, ch, 3, padding=1))
                     factor //= 2
                 self.up.append(block)
+        out_channels = num_classes if output == "logits" else in_channels  # K logits, or ε̂ with the image's channels
         self.out = nn.Sequential(
             nn.GroupNorm(_groups(ch), ch),
             nn.SiLU(),
-            _zero(nn.Conv2d(ch, num_classes * patch * patch, 3, padding=1)),
+            _zero(nn.Conv2d(ch, out_channels * patch * patch, 3, padding=1)),
             nn.PixelShuffle(patch),  # (N, K·p², H/p, W/p) → (N, K, H, W)
         )
-        self.pool = AttentionPool(num_classes, num_classes) if pool == "attention" else None
+        self.pool = AttentionPool(num_classes, num_classes) if pool == "attention" and self.has_classifier else None
 
     # --- the network -------------------------------------------------------------------------------------------
 
@@ -263,6 +286,33 @@ class EGCUNet(nn.Module):
         Returns:
             (N, num_classes, H, W).
         """
+        self._require_classifier("a logit map")
+        return self._network(x, t, y)
+
+    def predict_eps(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The control's noise estimate ε̂(x_t, t[, y]), read off the output head (``output="epsilon"`` only).
+
+        Args:
+            x: (N, C_in, H, W) noisy images.
+            t: (N,) integer timesteps (or one int for all).
+            y: (N,) labels for the label-conditioned network, index C for none; None = no label.
+
+        Returns:
+            ε̂, shaped like x (in the network's dtype; under autocast possibly bfloat16).
+        """
+        if self.has_classifier:
+            raise ConfigError("predict_eps reads the ε head of model.output=epsilon; this network emits a logit map")
+        return self._network(x, t, y)
+
+    def _require_classifier(self, what: str) -> None:
+        if not self.has_classifier:
+            raise NoClassifierError(
+                f"this EGC UNet predicts ε directly (model.output=epsilon, the plain diffusion control): it has no "
+                f"energy or classifier, so {what} is not defined; evaluate its samples (jemlab eval --parts samples)"
+            )
+
+    def _network(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None) -> torch.Tensor:
+        """Trunk and output head: (N, num_classes, H, W) logits, or (N, C_in, H, W) ε̂ for the control."""
         emb = self._embedding(t, y, len(x), x.device)
         h = self.conv_in(F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x)  # (N, width, H/p, W/p)
         hs = [h]
@@ -276,10 +326,12 @@ class EGCUNet(nn.Module):
 
     def pool_logits(self, m: torch.Tensor) -> torch.Tensor:
         """Class logits (N, C) from a logit map (N, C, H, W)."""
+        self._require_classifier("class logits")
         return m.mean(dim=(2, 3)) if self.pool is None else self.pool(m)
 
     def energy_from_map(self, m: torch.Tensor) -> torch.Tensor:
         """E (N,) from a logit map: −Σ_pixels logsumexp (``map``) or −logsumexp of the pooled logits."""
+        self._require_classifier("an energy")
         if self.energy_form == "map":
             return -torch.logsumexp(_at_least_fp32(m), dim=1).sum(dim=(1, 2))
         return marginal_energy(_at_least_fp32(self.pool_logits(m)))
@@ -302,7 +354,8 @@ class EGCUNet(nn.Module):
         y: torch.Tensor | None = None,
         create_graph: bool = False,
     ) -> torch.Tensor:
-        """Noise estimate ε̂ = √(1 − ᾱ_t) ∇ₓE(x_t, t[, y]) by differentiating the energy.
+        """Noise estimate ε̂ = √(1 − ᾱ_t) ∇ₓE(x_t, t[, y]) by differentiating the energy; for the control
+        (``output="epsilon"``) the output head's ε̂(x_t, t[, y]) itself, and `sigma` is not used.
 
         Args:
             x: (N, C_in, H, W) noisy images.
@@ -314,6 +367,11 @@ class EGCUNet(nn.Module):
         Returns:
             ε̂, shaped like x (detached unless create_graph).
         """
+        if not self.has_classifier:  # the control: one forward pass, no input gradient
+            if create_graph:
+                return self.predict_eps(x, t, y)
+            with torch.no_grad():
+                return self.predict_eps(x, t, y)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             energy = self.energy_t(x_in, t, y)

@@ -9,6 +9,11 @@
 CE_ls is cross-entropy with label smoothing. ∇ₓE is taken with ``create_graph=True``, so minimising the denoising
 term back-propagates through the input gradient (double back-propagation). Like the JEM objective, this module
 receives its random draws' generator and never samples negatives of its own.
+
+`epsilon_loss` is the control of the comparison (``egc.parameterisation=epsilon``): a plain ε-prediction diffusion
+model (Ho et al., 2020) on the same UNet, whose output head emits ε̂(x_t, t[, ỹ]) directly, with the same draws of
+t, ε and dropped labels and the same denoising term, and nothing else: no energy, no input gradient (so no double
+back-propagation) and no CE terms, since a plain diffusion model has no classifier.
 """
 
 from __future__ import annotations
@@ -97,3 +102,44 @@ def egc_loss(
         "energy_t": energy.detach().mean(),
     }
     return loss, stats
+
+
+def epsilon_loss(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    weights: EGCWeights,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The control's loss: ‖ε̂(x_t, t[, ỹ]) − ε‖² (mean over pixels) with ε̂ read off the network's ε head.
+
+    t, ε and the dropped labels are drawn from `generator` in the same order as `egc_loss` draws them, so the two
+    objectives see the same noisy images for the same seed. Only ``weights.label_dropout`` is read: the CE weights
+    and the label smoothing belong to EGC's classifier, which the control does not have.
+
+    Args:
+        model: an EGC UNet built with ``output="epsilon"`` (`predict_eps`, `label_embed`, `num_classes`).
+        schedule: the noise schedule.
+        x0: (B, C, H, W) clean training images in [−1, 1].
+        y: (B,) labels (for the label-conditioned network).
+        weights: the label dropout.
+        generator: random source (on x0's device) of t, ε and the label dropout.
+        autocast_dtype: run the forward pass under autocast in this dtype (e.g. torch.bfloat16).
+
+    Returns:
+        (loss, stats): the scalar loss and detached diagnostics (``loss``, ``mse``).
+    """
+    n, device = len(x0), x0.device
+    t = schedule.sample_timesteps(n, generator, device)  # (B,)
+    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    x_t = schedule.q_sample(x0, t, noise)
+    y_eps = None
+    if getattr(model, "label_embed", None) is not None:
+        dropped = torch.rand(n, generator=generator, device=device) < weights.label_dropout
+        y_eps = torch.where(dropped, torch.full_like(y, model.num_classes), y)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        eps_hat = model.predict_eps(x_t, t, y_eps)  # (B, C, H, W)
+    mse = (eps_hat.float() - noise).pow(2).mean()
+    return mse, {"loss": mse.detach(), "mse": mse.detach()}

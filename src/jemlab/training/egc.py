@@ -5,10 +5,14 @@ works on (model, optimizer, noise generator, process group, divergence detector,
 else (data, divergence recovery, checkpoints, logging, evaluation) is the Trainer's own. There is no replay buffer
 and no SGLD: the objective draws its timesteps and noise from the Trainer's noise generator, which the checkpoints
 already carry, so a resumed run repeats the same draws.
+
+With ``egc.parameterisation=epsilon`` the same step trains the control of the comparison instead, a plain
+ε-prediction diffusion model of the same UNet (`objectives.egc.epsilon_loss`: denoising loss only, no classifier).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -17,7 +21,7 @@ from jemlab.accel import AUTOCAST_DTYPES, choose_precision
 from jemlab.config import Config
 from jemlab.distributed import DistEnv
 from jemlab.generate.egc import schedule_from_config
-from jemlab.objectives import EGCWeights, egc_loss
+from jemlab.objectives import EGCWeights, egc_loss, epsilon_loss
 from jemlab.training.divergence import DivergenceDetector, raise_if_diverged
 from jemlab.training.ema import EMA
 from jemlab.training.optim import gradient_norm, learning_rate, set_learning_rate
@@ -37,6 +41,8 @@ class EGCTraining:
         self.weights = EGCWeights(
             gamma=e.gamma, gamma_clean=e.gamma_clean, label_smoothing=e.label_smoothing, label_dropout=e.label_dropout
         )
+        # EGC's loss, or the control's (egc.parameterisation=epsilon: ε̂ from the output head, no CE terms).
+        self.loss_fn = epsilon_loss if e.parameterisation == "epsilon" else egc_loss
         self.device = next(model.parameters()).device  # the training device: batches move there
         self.autocast_dtype = AUTOCAST_DTYPES[choose_precision(e.precision, self.device, "egc.precision").value]
         self.ema = EMA(model, e.ema, warmup=e.ema_warmup)
@@ -75,10 +81,13 @@ class EGCTraining:
         lr = learning_rate(config, step, epoch)
         set_learning_rate(optimizer, lr)
         model.train()
-        loss, loss_stats = egc_loss(model, self.schedule, x, y, self.weights, generator, self.autocast_dtype)
+        loss, loss_stats = self.loss_fn(model, self.schedule, x, y, self.weights, generator, self.autocast_dtype)
         # Averaged over ranks before any check reads them (identity with one process): all ranks decide alike.
         stats = {"lr": lr, **env.mean({k: float(v) for k, v in loss_stats.items()})}
         raise_if_diverged(detector.check_step(step + 1, stats))
+        # The control has no classifier; the Trainer's progress line still reads a training accuracy: NaN (logged
+        # as "nan"), set after the divergence check, which would take a non-finite statistic for a divergence.
+        stats.setdefault("train_accuracy", math.nan)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in model.parameters() if p.requires_grad]

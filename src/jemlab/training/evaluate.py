@@ -12,8 +12,12 @@ from jemlab.models import EnergyModel
 def evaluate_split(
     model: EnergyModel, data: ArrayDataset, device: torch.device, prefix: str, batch_size: int = 500
 ) -> dict[str, float]:
-    """Mean cross-entropy (`<prefix>_nll`) and accuracy (`<prefix>_accuracy`, a fraction) of the classifier."""
-    if len(data) == 0:
+    """Mean cross-entropy (`<prefix>_nll`) and accuracy (`<prefix>_accuracy`, a fraction) of the classifier.
+
+    Empty for an empty split and for a model without a classifier (``has_classifier`` False: EGC's plain
+    ε-prediction control), which has nothing to score here.
+    """
+    if len(data) == 0 or not getattr(model, "has_classifier", True):
         return {}
     was_training = model.training
     model.eval()
