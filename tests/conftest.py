@@ -19,6 +19,18 @@ def _fresh_hardware_findings():
     reset_fallbacks()
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jemlab-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(_session_cache, monkeypatch):
+    """jemlab's user cache (datasets, the reference feature nets of sample-quality tracking) is a folder of this test
+    session, never ~/.cache/jemlab: a feature net trained on a test's tiny data must not reach a real evaluation."""
+    monkeypatch.setenv("JEMLAB_DATA", str(_session_cache))
+
+
 @pytest.fixture()
 def tiny_idx_dir(tmp_path):
     """A small class-structured fake Fashion-MNIST in IDX format (600 train, 100 test images)."""
@@ -44,4 +56,5 @@ def tiny_config_overrides(tiny_idx_dir):
         ("sampler.steps", "3"),
         ("sampler.buffer_size", "200"),
         ("optim.warmup_steps", "5"),
+        ("quality.every", "0"),  # sample-quality tracking has its own tests (test_quality_tracking.py)
     ]

@@ -144,10 +144,29 @@ class RecoveryConfig:
     # Classifier collapse: after the classifier has learned something, `classifier_patience` iterations in a row at
     # chance level (cross-entropy ~ log C, accuracy ~ 1/C) count as a divergence; 0 turns the check off.
     classifier_patience: int = 20
-    # Slow drift of the data-sample energy gap, a warning only (no rollback): a logged |E(x_data) − E(x_model)|
-    # above this is reported in the log and metrics.jsonl, again each time it doubles; 0 turns it off. Healthy
-    # default/jempp runs stay below 0.3; two runs whose replay buffer collapsed reached 22–25 (docs/reliability.md).
+    # Slow drift (docs/reliability.md): the logged data-sample energy gap |E(x_data) − E(x_model)| above
+    # `gap_warning` once it had been below it, or a tracked Fréchet distance (quality.every) above `quality_drop` ×
+    # the best so far. Healthy default/jempp runs keep the gap below 0.3; runs whose replay buffer collapsed reached
+    # 22–25. With drift_action=recover the run rolls back to the last state whose samples were measured healthy and
+    # goes on with the policy's changes (as for a divergence); with warn it only logs a warning. 0 turns a check off.
     gap_warning: float = 5.0
+    quality_drop: float = 3.0
+    drift_action: str = "recover"  # recover or warn
+
+
+@dataclass
+class QualityConfig:
+    """Sample quality tracked while training (docs/reliability.md): Fréchet distance and KID against held-out images
+    in the domain feature space of `jemlab eval --parts samples`, and the variety within each class."""
+
+    every: int = 2000  # iterations between measurements (plus one at the end); 0 turns tracking off
+    samples: int = 500  # held-out (validation) images, and replay-buffer samples, per measurement
+    per_class: int = 50  # class-conditional samples per class, drawn as `jemlab sample --per-class` draws them
+    seed: int = 0  # seed of the measurement's own draws (the training's random streams are not touched)
+    # the dataset's cached reference feature net (<cache>/feature_nets/<dataset>/); trained and cached on first use
+    # when missing (about a minute for Fashion-MNIST on 2 cores), unless this is false (tracking is then skipped)
+    train_feature_net: bool = True
+    keep_best: bool = True  # checkpoints/best-samples.safetensors: the state with the lowest tracked Fréchet distance
 
 
 @dataclass
@@ -185,6 +204,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     egc: EGCConfig = field(default_factory=EGCConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,4 +216,4 @@ class Config:
 
 
 # The sections of a Config, in the order they are written to config.json.
-SECTIONS = ("data", "model", "sampler", "objective", "optim", "train", "recovery", "egc")
+SECTIONS = ("data", "model", "sampler", "objective", "optim", "train", "recovery", "quality", "egc")

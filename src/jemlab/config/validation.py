@@ -18,6 +18,7 @@ from jemlab.config.schema import (
     ModelConfig,
     ObjectiveConfig,
     OptimConfig,
+    QualityConfig,
     RecoveryConfig,
     SamplerConfig,
     TrainConfig,
@@ -44,6 +45,7 @@ def validate_config(config: Config) -> None:
     _validate_optim(config.optim)
     _validate_train(config.train)
     _validate_recovery(config.recovery)
+    _validate_quality(config.quality)
     _validate_egc(config.egc)
     _validate_egc_pairing(config)
     _validate_semi_supervised(config)
@@ -207,7 +209,19 @@ def _validate_recovery_detectors(r: RecoveryConfig) -> None:
     _check(r.warmup_steps >= 0, f"recovery.warmup_steps must be >= 0, got {r.warmup_steps}")
     _check(r.collapse_patience >= 1, f"recovery.collapse_patience must be >= 1, got {r.collapse_patience}")
     _check(r.classifier_patience >= 0, f"recovery.classifier_patience must be >= 0, got {r.classifier_patience}")
-    _check(r.gap_warning >= 0, f"recovery.gap_warning must be >= 0 (0 turns the warning off), got {r.gap_warning}")
+    _check(r.gap_warning >= 0, f"recovery.gap_warning must be >= 0 (0 turns the check off), got {r.gap_warning}")
+    _check(
+        r.quality_drop == 0 or r.quality_drop > 1,
+        f"recovery.quality_drop must be > 1 (a factor over the best tracked Fréchet distance) or 0 (off), "
+        f"got {r.quality_drop}",
+    )
+    _one_of(r.drift_action, "recovery.drift_action", ("recover", "warn"))
+
+
+def _validate_quality(q: QualityConfig) -> None:
+    _check(q.every >= 0, f"quality.every must be >= 0 (0 turns tracking off), got {q.every}")
+    _check(q.samples >= 2, f"quality.samples must be >= 2 (a Fréchet distance needs a covariance), got {q.samples}")
+    _check(q.per_class >= 0, f"quality.per_class must be >= 0 (0: no class-conditional samples), got {q.per_class}")
 
 
 def _validate_egc(e: EGCConfig) -> None:
@@ -272,7 +286,6 @@ def _validate_egc_parameterisation(config: Config) -> None:
             f"model.output={output} gives the UNet no energy: it belongs to egc.parameterisation=epsilon "
             f"(--preset egc-control); EGC's energy parameterisation needs model.output=logits",
         )
-
 
 
 def _validate_semi_supervised(config: Config) -> None:

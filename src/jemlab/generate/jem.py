@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from jemlab.generate import SamplingSource
 
 
+#: Class-conditional samples start from buffer images of their class among this lowest-energy fraction of the buffer.
+START_ENERGY_QUANTILE = 0.25
+
+
 def _distinct(candidates: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     """`count` entries of `candidates`, all different while there are enough: the k-th is entry k of one seeded
     permutation (cycled), so it depends on the seed and on k only, not on how many are drawn or in what batches."""
@@ -66,7 +70,7 @@ def _start_points(
         return buffer.images[pick].clone()
     probs, energy = _buffer_scores(source)
     predicted = probs.argmax(1)
-    energy_cut = energy.quantile(0.25)
+    energy_cut = energy.quantile(START_ENERGY_QUANTILE)
     starts = torch.empty((len(labels), *buffer.shape))
     for c in labels.unique().tolist():
         rows = (labels == c).nonzero().squeeze(1)

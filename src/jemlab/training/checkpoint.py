@@ -36,6 +36,8 @@ from jemlab.errors import CheckpointError
 FORMAT_NAME = "jemlab-checkpoint"
 FORMAT_VERSION = 1
 LATEST = "latest"
+#: The state with the best tracked sample quality (training/quality.py), kept beside the step-*.safetensors files.
+BEST_SAMPLES = "best-samples.safetensors"
 
 
 def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -30,7 +30,14 @@ REASONS: dict[str, str] = {
     "energy_gap_collapse": "data and samples got the same energy on a flat energy surface (SGLD gradient ~ 0)",
     "sgld_gradient_explosion": "the SGLD gradient norm |grad_x E| grew far beyond its running scale",
     "classifier_collapse": "the classifier fell back to chance level (cross-entropy ~ log C) after it had learned",
+    # Slow drifts (training/gap_drift.py, training/quality.py): found between iterations, rolled back further.
+    "energy_gap_drift": "the data-sample energy gap opened slowly past recovery.gap_warning",
+    "sample_quality_drop": "the tracked Fréchet distance of the samples rose past recovery.quality_drop x its best",
 }
+
+#: The reasons that name a slow drift rather than a sudden divergence: the rollback goes to the last state whose
+#: samples were measured healthy (`Recovery.anchor`), not to the last snapshot, which the drift may already hold.
+DRIFT_REASONS = ("energy_gap_drift", "sample_quality_drop")
 
 
 @dataclass(frozen=True)

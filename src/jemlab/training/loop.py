@@ -38,10 +38,12 @@ from jemlab.samplers.buffer_shards import shard_capacity
 from jemlab.samplers.init import initializer_from_config, initializer_state
 from jemlab.sampling import run_chains
 from jemlab.training.checkpoint import (
+    BEST_SAMPLES,
     atomic_write_bytes,
     load_checkpoint,
     remove_stale_temporaries,
     resolve_checkpoint,
+    save_checkpoint,
     save_run_checkpoint,
 )
 from jemlab.training.choices import hardware_record, header_lines, run_choices
@@ -53,6 +55,8 @@ from jemlab.training.gap_drift import GapDriftMonitor
 from jemlab.training.logging import MetricsWriter, progress_bar, setup_logger
 from jemlab.training.metrics_file import count_lines, lines_at_checkpoint, trim_metrics
 from jemlab.training.optim import build_optimizer, gradient_norm, learning_rate, set_learning_rate
+from jemlab.training.quality import QualityTracker
+from jemlab.training.quality_plot import plot_quality
 from jemlab.training.recovery import Recovery, RecoveryPlan, restart_chains
 from jemlab.training.stop_request import StopRequest
 
@@ -123,6 +127,13 @@ class Trainer:
         # Divergence watch (recovery.py): detectors on the live diagnostics, the last healthy state in memory, and
         # the recovery policy, whose plan (a new config among it) `_recover` applies.
         self.recovery = Recovery(config, self.splits.num_classes)
+        # Sample quality tracked every quality.every iterations (training/quality.py); the best Fréchet distance so
+        # far (checkpoints/best-samples.safetensors holds that state) and the last logged energy gap.
+        self.quality = QualityTracker(config, self.splits, self.device, logging.getLogger("jemlab"))
+        self.best_fd = math.inf
+        self.best_fd_step: int | None = None
+        self._last_cd: float | None = None
+        self._last_quality: dict[int, dict[str, float]] = {}  # {step: the last measurement}
         self.metrics_lines = 0  # lines of run_dir/metrics.jsonl written so far (recorded in checkpoints)
         self._writer: MetricsWriter | None = None  # metrics.jsonl while `fit` runs (rank 0 with a run_dir)
         self._callback: Callable[[dict[str, Any]], None] | None = None  # `fit`'s callback, while it runs
@@ -228,23 +239,41 @@ class Trainer:
         state = checkpoint_state(self.state_dict(), self.dist, self.buffer, self.config.sampler.buffer_size, self.step)
         if not self.dist.is_main:
             return None
+        return save_run_checkpoint(
+            self.run_dir,
+            self.step,
+            state,
+            self._checkpoint_meta(),
+            keep=self.config.train.keep_checkpoints,
+        )
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
         meta = {"config": self.config.to_dict(), "progress": self.progress(), "git_sha": git_sha()}
         meta["world_size"] = self.dist.world_size
         meta["recovery"] = self.recovery.state_dict()
         meta["metrics_lines"] = self.metrics_lines
+        best_fd = None if math.isinf(self.best_fd) else self.best_fd
+        meta["quality"] = {"best_fd": best_fd, "best_step": self.best_fd_step}
         meta["dataset"] = {
             "name": self.splits.name,
             "image_shape": list(self.splits.image_shape),
             "num_classes": self.splits.num_classes,
             "class_names": list(self.splits.class_names),
         }
-        return save_run_checkpoint(
-            self.run_dir,
-            self.step,
-            state,
-            meta,
-            keep=self.config.train.keep_checkpoints,
-        )
+        return meta
+
+    def save_best_samples(self, quality: dict[str, float]) -> Path | None:
+        """Write checkpoints/best-samples.safetensors: this state, whose tracked sample quality is the best so far.
+
+        A complete checkpoint (``jemlab sample/eval --checkpoint`` take it; ``--resume`` continues from `latest`).
+        """
+        if self.run_dir is None:
+            return None
+        state = checkpoint_state(self.state_dict(), self.dist, self.buffer, self.config.sampler.buffer_size, self.step)
+        if not self.dist.is_main:
+            return None
+        meta = {**self._checkpoint_meta(), "best_samples": dict(quality)}
+        return save_checkpoint(self.run_dir / "checkpoints" / BEST_SAMPLES, state, meta)
 
     def resume(self, path: str | Path) -> dict[str, Any]:
         """Load a checkpoint of this run (same config) and continue from its next iteration."""
@@ -266,6 +295,9 @@ class Trainer:
             self.elapsed = float(progress["elapsed_s"])
             if "recovery" in meta:  # the detector's averages and past recoveries continue too
                 self.recovery.load_state_dict(meta["recovery"])
+            best = meta.get("quality") or {}
+            if best.get("best_fd") is not None:
+                self.best_fd, self.best_fd_step = float(best["best_fd"]), best.get("best_step")
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
             # A checkpoint of another model or config, or a hand-made one: refuse it as a whole, in one line.
             first_line = str(err).strip().split("\n")[0][:200]
@@ -661,9 +693,25 @@ class Trainer:
                 bar.update(1)
                 window.add(stats)
 
-                # Log line with live diagnostics.
-                if self.step % t.log_every == 0:
-                    self._log_iteration(window, bar, gap_monitor)
+                # Log line with live diagnostics; sample quality when due. A slow drift of either (the energy gap
+                # opening, the tracked Fréchet distance rising) is recovered from like a divergence, but from the
+                # last state whose samples measured healthy (recovery.drift_action=warn: a warning only).
+                drift = self._log_iteration(window, bar, gap_monitor) if self.step % t.log_every == 0 else None
+                if self.quality.due(self.step):
+                    if self.dist.is_main and self.quality.prepare_seconds == 0.0:  # one-time: not in the budget
+                        self.quality.prepare()
+                        started += self.quality.prepare_seconds
+                    drift = self._track_quality(gap_monitor) or drift
+                if drift is not None:  # the same decision on every rank (averaged gap, all-reduced quality flags)
+                    failure = self._recover(drift)
+                    if failure is not None:
+                        stop_reason = "diverged"
+                        break
+                    gap_monitor.reset()
+                    bar.n = self.step
+                    bar.refresh()
+                    window.reset(time.monotonic())
+                    continue
 
                 # End of epoch: validate, samples, checkpoint (every checkpoint is also a healthy snapshot).
                 # Stop and checkpoint decisions are or-ed over ranks: saving and evaluating are collectives.
@@ -702,8 +750,9 @@ class Trainer:
             bar.close()
         return stop_reason, failure
 
-    def _log_iteration(self, window: _LogWindow, bar: Any, gap_monitor: GapDriftMonitor) -> None:
-        """A log line and metrics.jsonl record with the window's mean statistics; the gap-drift warning."""
+    def _log_iteration(self, window: _LogWindow, bar: Any, gap_monitor: GapDriftMonitor) -> DivergenceSignal | None:
+        """A log line and metrics.jsonl record with the window's mean statistics; the gap-drift check (returns the
+        drift to recover from, or None)."""
         now = time.monotonic()
         world = self.dist.world_size
         record = {
@@ -720,13 +769,63 @@ class Trainer:
         self._emit(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
         self._log.info(_format_record(record))
-        if "cd" in record:  # a slowly opening energy gap: warn, do not roll back (recovery.gap_warning)
-            warning = gap_monitor.check(record["cd"])
-            if warning is not None:
-                self._log.warning(f"step {self.step}: {warning}")
-                self._emit({"step": self.step, "event": "warning", "reason": "energy_gap_drift",
-                            "cd": record["cd"], "message": warning, "elapsed_s": self.elapsed})  # fmt: skip
         window.reset(now)
+        if "cd" not in record:
+            return None
+        self._last_cd = record["cd"]
+        warning = gap_monitor.check(record["cd"])  # a slowly opening energy gap (recovery.gap_warning)
+        if warning is None:
+            return None
+        if self._acts_on_drift():
+            return DivergenceSignal("energy_gap_drift", self.step, f"energy gap {record['cd']:+.3g}")
+        self._log.warning(f"step {self.step}: {warning}")
+        self._emit({"step": self.step, "event": "warning", "reason": "energy_gap_drift",
+                    "cd": record["cd"], "message": warning, "elapsed_s": self.elapsed})  # fmt: skip
+        return None
+
+    def _acts_on_drift(self) -> bool:
+        """A drift is rolled back (recovery.drift_action=recover, recovery on, retries left) rather than warned of."""
+        return self.config.recovery.drift_action == "recover" and self.recovery.can_recover()
+
+    def _measure_quality(self) -> tuple[dict[str, float] | None, bool]:
+        """Measure sample quality (on rank 0), log it, keep the best state (checkpoints/best-samples.safetensors) and
+        redraw quality.png. Returns the measurement (None on other ranks or when tracking is off) and whether the
+        Fréchet distance rose past recovery.quality_drop × its best (the same answer on every rank)."""
+        quality = self.quality.measure(self, self.step) if self.dist.is_main else None
+        self._last_quality = {self.step: quality} if quality is not None else {}
+        fd = float("nan") if quality is None else quality.get("quality_fd", float("nan"))
+        factor = self.config.recovery.quality_drop
+        improved = math.isfinite(fd) and fd < self.best_fd
+        dropped = factor > 0 and math.isfinite(self.best_fd) and fd > factor * self.best_fd
+        if quality is not None:
+            self._emit({"step": self.step, "epoch": self.step / len(self.batcher), "elapsed_s": self.elapsed,
+                        **quality, "quality_best_fd": min(self.best_fd, fd)})  # fmt: skip
+            self._log.info(f"sample quality at step {self.step}: " + _format_record(quality))
+        if self.dist.active:  # saving is a collective: every rank must agree
+            improved, dropped = self.dist.any(improved, dropped)
+        if improved:
+            self.best_fd, self.best_fd_step = fd, self.step
+            if self.config.quality.keep_best:
+                self.save_best_samples(quality or {})
+        if self.run_dir is not None and quality is not None:
+            plot_quality(self.run_dir / "metrics.jsonl", self.run_dir / "quality.png")
+        return quality, dropped
+
+    def _track_quality(self, gap_monitor: GapDriftMonitor) -> DivergenceSignal | None:
+        """A measurement during training: healthy samples become the rollback anchor of a slow drift; a drop of
+        quality is returned to recover from (or warned of)."""
+        _, dropped = self._measure_quality()
+        if not dropped and gap_monitor.healthy(self._last_cd):
+            self.recovery.take_anchor(self.step, self.state_dict)
+        if not dropped:
+            return None
+        detail = f"Fréchet distance > {self.config.recovery.quality_drop:g} x its best {self.best_fd:.3g}"
+        if self._acts_on_drift():
+            return DivergenceSignal("sample_quality_drop", self.step, detail)
+        self._log.warning(f"step {self.step}: sample quality dropped: {detail}")
+        self._emit({"step": self.step, "event": "warning", "reason": "sample_quality_drop", "message": detail,
+                    "elapsed_s": self.elapsed})  # fmt: skip
+        return None
 
     def _end_of_epoch(self, done_epochs: int, can_save: bool) -> bool:
         """Validate, save sample grids and a checkpoint when due. Returns whether a checkpoint was written."""
@@ -743,6 +842,10 @@ class Trainer:
 
     def _finish(self, stop_reason: str, failure: str | None) -> dict[str, Any]:
         """Final checkpoint, metrics on val and test, metrics.json and sample grids; raise when training diverged."""
+        done = stop_reason in ("epochs", "time budget")  # ended by itself: after a signal the process must exit now
+        quality = self._last_quality.get(self.step)  # measured at this very step already, or now (before the save,
+        if done and quality is None and self.quality.enabled:  # which records the best Fréchet distance)
+            quality, _ = self._measure_quality()
         ckpt = self.save()
         final = {
             "stop_reason": stop_reason,
@@ -752,6 +855,9 @@ class Trainer:
             **self.evaluate("test"),
             "labels_per_class": self.config.data.labels_per_class,  # None: every training label
             "labelled_images": len(self.labelled_index),
+            **(quality or {}),
+            "quality_best_fd": None if math.isinf(self.best_fd) else self.best_fd,
+            "quality_best_step": self.best_fd_step,
             "recoveries": self.recovery.recoveries,
             "recovery_reasons": [event["reason"] for event in self.recovery.history],
             "checkpoint": None if ckpt is None else str(ckpt),
@@ -773,8 +879,9 @@ class Trainer:
             self._writer = None
         if self.run_dir is not None and self.dist.is_main:
             # Sample grids only when the run ended by itself: after a signal the process is asked to exit now.
-            done = stop_reason in ("epochs", "time budget")
             final["samples"] = [str(p) for p in self.sample_grids("final")] if done else []
+            if self.quality.enabled:  # the curve with the last validation point
+                plot_quality(self.run_dir / "metrics.jsonl", self.run_dir / "quality.png")
             atomic_write_bytes(self.run_dir / "metrics.json", (json.dumps(final, indent=2) + "\n").encode())
             self._log.info(f"wrote {self.run_dir / 'metrics.json'} and sample grids in {self.run_dir / 'samples'}")
         if failure is not None:

@@ -28,7 +28,7 @@ import torch
 
 from jemlab.config import Config, RecoveryConfig
 from jemlab.errors import DivergenceError
-from jemlab.training.divergence import DivergenceDetector, DivergenceSignal
+from jemlab.training.divergence import DRIFT_REASONS, DivergenceDetector, DivergenceSignal
 from jemlab.training.snapshot import Snapshot, clone_state
 
 if TYPE_CHECKING:
@@ -111,6 +111,9 @@ class Recovery:
         self.policy = config.recovery
         self.detector = DivergenceDetector.from_config(config, num_classes)
         self.snapshot: Snapshot | None = None
+        # The last state whose samples were measured healthy (energy gap well below its drift level, tracked sample
+        # quality near its best): where a slow drift rolls back to. It is older than `snapshot` by design.
+        self.anchor: Snapshot | None = None
         self.snapshot_due = False  # a snapshot was skipped while the detector was suspicious: try each iteration
         self.history: list[dict[str, Any]] = []  # one event per recovery, as logged
 
@@ -135,8 +138,22 @@ class Recovery:
         self.snapshot = Snapshot(step, clone_state(state()), self.detector.state_dict())
         return True
 
-    def restore_snapshot(self) -> tuple[int, dict[str, Any]]:
-        """Put the detector back into its snapshot state; return the snapshot's iteration and trainer state."""
+    def take_anchor(self, step: int, state: Callable[[], dict[str, Any]]) -> None:
+        """Keep the trainer's state as the one a slow drift rolls back to (call it when the samples measure healthy)."""
+        self.anchor = Snapshot(step, clone_state(state()), self.detector.state_dict())
+
+    def can_recover(self) -> bool:
+        """Recovery is on and has retries left."""
+        return self.policy.enabled and self.recoveries < self.policy.max_retries
+
+    def restore_snapshot(self, drift: bool = False) -> tuple[int, dict[str, Any]]:
+        """Put the detector back into its snapshot state; return the snapshot's iteration and trainer state.
+
+        With `drift`, the anchor (when there is one) is restored instead, and it becomes the snapshot too, so that a
+        sudden divergence soon after does not roll forward into the drifted state.
+        """
+        if drift and self.anchor is not None:
+            self.snapshot = self.anchor
         if self.snapshot is None:
             raise DivergenceError("no healthy state to roll back to; resume from the last checkpoint with --resume")
         self.detector.load_state_dict(self.snapshot.detector)
@@ -159,7 +176,7 @@ class Recovery:
             The plan; its ``event`` is ``"recovery"`` (training goes on from ``rollback_to``) or ``"diverged"``
             (recovery is off or out of retries; ``error`` is the one-line message to stop with).
         """
-        rollback_to, state = self.restore_snapshot()
+        rollback_to, state = self.restore_snapshot(drift=signal.reason in DRIFT_REASONS)
         event: dict[str, Any] = {
             "event": "recovery",
             "step": signal.step,
