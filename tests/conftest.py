@@ -19,16 +19,14 @@ def _fresh_hardware_findings():
     reset_fallbacks()
 
 
-@pytest.fixture(scope="session")
-def _session_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jemlab-cache")
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(_session_cache, monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
     """jemlab's user cache (datasets, the reference feature nets of sample-quality tracking) is a folder of this test
-    session, never ~/.cache/jemlab: a feature net trained on a test's tiny data must not reach a real evaluation."""
-    monkeypatch.setenv("JEMLAB_DATA", str(_session_cache))
+    session, never ~/.cache/jemlab: a feature net trained on a test's tiny data must not reach a real evaluation.
+    Session-scoped, so that it is in place before the module-scoped fixtures that train runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JEMLAB_DATA", str(tmp_path_factory.mktemp("jemlab-cache")))
+        yield
 
 
 @pytest.fixture()

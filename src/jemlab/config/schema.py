@@ -159,7 +159,7 @@ class QualityConfig:
     """Sample quality tracked while training (docs/reliability.md): Fréchet distance and KID against held-out images
     in the domain feature space of `jemlab eval --parts samples`, and the variety within each class."""
 
-    every: int = 2000  # iterations between measurements (plus one at the end); 0 turns tracking off
+    every: int = 1000  # iterations between measurements (plus one at the end); 0 turns tracking off
     samples: int = 500  # held-out (validation) images, and replay-buffer samples, per measurement
     per_class: int = 50  # class-conditional samples per class, drawn as `jemlab sample --per-class` draws them
     seed: int = 0  # seed of the measurement's own draws (the training's random streams are not touched)
