@@ -385,23 +385,7 @@ class Trainer:
             x_cond, cond_stats = self.negatives(len(y_cond), labels=y_cond)
             for key in ("sgld_steps", "sgld_chain_steps"):
                 stats[key] = stats.get(key, 0) + cond_stats[key]
-        # Augmentation (data.augment) for log p(y|x); the p(x) terms take the unaugmented images with
-        # data.augment_px=none (SADA-JEM), else the same ones (their own batch, augmented alike, with few labels).
-        if cfg.data.augment != "none":
-            x_plain = x
-            x = augment(x, cfg.data.augment, self.noise_generator)
-            if x_px is not None:
-                if cfg.data.augment_px != "none":
-                    x_px = augment(x_px, cfg.data.augment, self.noise_generator)
-            elif cfg.data.augment_px == "none" and self.uses_sampler:
-                x_px = x_plain
-        if cfg.objective.input_noise > 0:
-            noise = torch.randn(x.shape, generator=self.noise_generator, device=x.device)
-            x = x + cfg.objective.input_noise * noise
-            if x_px is not None:
-                x_px = x_px + cfg.objective.input_noise * torch.randn(
-                    x_px.shape, generator=self.noise_generator, device=x.device
-                )
+        x, x_px = self._augment_and_noise(x, x_px)
 
         self.model.train()
         with self.autocast():
@@ -432,6 +416,31 @@ class Trainer:
             self.scaler.update()
         self.step += 1
         return stats
+
+    def _augment_and_noise(
+        self, x: torch.Tensor, x_px: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training inputs: augmentation (data.augment) and Gaussian input noise (objective.input_noise) for the
+        CE batch `x` and the log p(x) batch `x_px` (None: `x` serves both, unless data.augment_px=none)."""
+        cfg = self.config
+        # Augmentation (data.augment) for log p(y|x); the p(x) terms take the unaugmented images with
+        # data.augment_px=none (SADA-JEM), else the same ones (their own batch, augmented alike, with few labels).
+        if cfg.data.augment != "none":
+            x_plain = x
+            x = augment(x, cfg.data.augment, self.noise_generator)
+            if x_px is not None:
+                if cfg.data.augment_px != "none":
+                    x_px = augment(x_px, cfg.data.augment, self.noise_generator)
+            elif cfg.data.augment_px == "none" and self.uses_sampler:
+                x_px = x_plain
+        if cfg.objective.input_noise > 0:
+            noise = torch.randn(x.shape, generator=self.noise_generator, device=x.device)
+            x = x + cfg.objective.input_noise * noise
+            if x_px is not None:
+                x_px = x_px + cfg.objective.input_noise * torch.randn(
+                    x_px.shape, generator=self.noise_generator, device=x.device
+                )
+        return x, x_px
 
     def _egc_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
         """EGC (objective.name=egc): one step of the EGC loss (training/egc.py) on this trainer's parts."""
@@ -679,31 +688,18 @@ class Trainer:
                     # With all labels the three-argument step, as before (wrappers of train_step rely on it).
                     stats = self.train_step(x, y, epoch) if x_px is None else self.train_step(x, y, epoch, x_px=x_px)
                 except DivergenceDetected as err:
-                    # Divergence: back to the last healthy snapshot, with the recovery policy's changes applied;
-                    # or, with recovery off or out of retries, stop from that healthy state with a clear error.
-                    failure = self._recover(err.signal)
-                    if failure is not None:
-                        stop_reason = "diverged"
-                        break
-                    bar.n = self.step
-                    bar.refresh()
-                    window.reset(time.monotonic())
-                    continue
-                self.elapsed = time.monotonic() - started
-                bar.update(1)
-                window.add(stats)
-
-                # Log line with live diagnostics; sample quality when due. A slow drift of either (the energy gap
-                # opening, the tracked Fréchet distance rising) is recovered from like a divergence, but from the
-                # last state whose samples measured healthy (recovery.drift_action=warn: a warning only).
-                drift = self._log_iteration(window, bar, gap_monitor) if self.step % t.log_every == 0 else None
-                if self.quality.due(self.step):
-                    if self.dist.is_main and self.quality.prepare_seconds == 0.0:  # one-time: not in the budget
-                        self.quality.prepare()
-                        started += self.quality.prepare_seconds
-                    drift = self._track_quality(gap_monitor) or drift
-                if drift is not None:  # the same decision on every rank (averaged gap, all-reduced quality flags)
-                    failure = self._recover(drift)
+                    signal = err.signal  # a divergence: rolled back to the last healthy snapshot
+                else:
+                    self.elapsed = time.monotonic() - started
+                    bar.update(1)
+                    window.add(stats)
+                    # Log line, sample quality when due, and the slow drifts they show (rolled back further).
+                    signal, untimed = self._watch(window, bar, gap_monitor)
+                    started += untimed  # the one-time feature net of the quality tracking is not training time
+                if signal is not None:
+                    # Back to a healthy state with the recovery policy's changes applied; or, with recovery off or
+                    # out of retries, stop from that healthy state with a clear error.
+                    failure = self._recover(signal)
                     if failure is not None:
                         stop_reason = "diverged"
                         break
@@ -720,16 +716,8 @@ class Trainer:
                     stop.reason is not None,
                     time.monotonic() - last_checkpoint > t.checkpoint_minutes * 60,
                 )
-                saved = False
-                if self.step % steps_per_epoch == 0:
-                    saved = self._end_of_epoch(self.step // steps_per_epoch, can_save=not out_of_time)
-                elif checkpoint_due:
-                    self.save()
-                    saved = True
-                if saved:
+                if self._checkpoint_if_due(steps_per_epoch, checkpoint_due, can_save=not out_of_time):
                     last_checkpoint = time.monotonic()
-                if saved or self.step % self.config.recovery.snapshot_every == 0 or self.recovery.snapshot_due:
-                    self._take_snapshot()
                 if out_of_time:
                     stop_reason = "time budget"
                     break
@@ -749,6 +737,34 @@ class Trainer:
         finally:
             bar.close()
         return stop_reason, failure
+
+    def _watch(
+        self, window: _LogWindow, bar: Any, gap_monitor: GapDriftMonitor
+    ) -> tuple[DivergenceSignal | None, float]:
+        """After an iteration: the log line when due and sample quality when due. Returns a slow drift to recover from
+        (the energy gap opening, the tracked Fréchet distance rising; the same decision on every rank: the gap is
+        averaged, the quality flags all-reduced) and the seconds not to charge to the time budget."""
+        drift = self._log_iteration(window, bar, gap_monitor) if self.step % self.config.train.log_every == 0 else None
+        untimed = 0.0
+        if self.quality.due(self.step):
+            if self.dist.is_main and self.quality.prepare_seconds == 0.0:  # the feature net, loaded or trained once
+                self.quality.prepare()
+                untimed = self.quality.prepare_seconds
+            drift = self._track_quality(gap_monitor) or drift
+        return drift, untimed
+
+    def _checkpoint_if_due(self, steps_per_epoch: int, checkpoint_due: bool, can_save: bool) -> bool:
+        """End of an epoch (validation, grids, checkpoint) or a time-based checkpoint; a healthy snapshot when one is
+        due. Returns whether a checkpoint was written."""
+        saved = False
+        if self.step % steps_per_epoch == 0:
+            saved = self._end_of_epoch(self.step // steps_per_epoch, can_save=can_save)
+        elif checkpoint_due:
+            self.save()
+            saved = True
+        if saved or self.step % self.config.recovery.snapshot_every == 0 or self.recovery.snapshot_due:
+            self._take_snapshot()
+        return saved
 
     def _log_iteration(self, window: _LogWindow, bar: Any, gap_monitor: GapDriftMonitor) -> DivergenceSignal | None:
         """A log line and metrics.jsonl record with the window's mean statistics; the gap-drift check (returns the
