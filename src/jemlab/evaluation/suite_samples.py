@@ -22,6 +22,7 @@ from jemlab.errors import JemlabError
 from jemlab.evaluation import classification as cls
 from jemlab.evaluation.suite_context import PartResult, SuiteContext, has_classifier, on_device, split_of
 from jemlab.quality import metrics as sq
+from jemlab.quality.diversity import within_class_diversity
 
 if TYPE_CHECKING:
     from jemlab.evaluation.suite_options import SampleFn
@@ -96,6 +97,12 @@ def _conditional_stats(ctx: SuiteContext, x_c: Tensor, labels_c: Tensor) -> dict
     stats: dict[str, Any] = {}
     if has_classifier(ctx.model):
         stats["model_accuracy"] = sq.sample_class_accuracy(ctx.logits(x_c), labels_c, num_classes)
+    # Variety within each class: samples with a near-copy among their class's samples (RMS pixel difference < 0.05
+    # on [0, 1]; real test images of a class have none), and the mean distance to the nearest one.
+    variety = within_class_diversity(x_c, labels_c)
+    stats["near_copies"] = variety.near_copies
+    stats["near_copy_fraction"] = variety.near_copy_fraction
+    stats["nearest_in_class_rms"] = variety.nn_rms
     order = torch.argsort(labels_c[: min(len(labels_c), 10 * num_classes)], stable=True)
     ctx.figures.append(
         (
