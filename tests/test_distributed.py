@@ -9,6 +9,7 @@ Plus in-process checks of the buffer shard layouts and of the augmentation.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -112,7 +113,8 @@ def test_ddp_step_equals_one_process_on_the_concatenated_batch(tiny_idx_dir, tmp
 
 def _fit_worker(rank: int, port: int, data_dir: str, run_dir: str) -> None:
     _join(rank, port)
-    config = build_config("default", [*_overrides(data_dir), ("train.epochs", "1")])
+    # Sample quality measured every 5 iterations: rank 0 measures, and the best-samples checkpoint is a collective.
+    config = build_config("default", [*_overrides(data_dir), ("train.epochs", "1"), ("quality.every", "5")])
     trainer = Trainer(config, run_dir)
     trainer.fit()
     # Every rank holds the same weights after training (DDP kept them in step).
@@ -129,7 +131,14 @@ def _fit_worker(rank: int, port: int, data_dir: str, run_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_checkpoint_resumes_on_two_and_on_one(tiny_idx_dir, tmp_path):
+def test_two_process_checkpoint_resumes_on_two_and_on_one(tiny_idx_dir, tmp_path, monkeypatch):
+    from jemlab.data import load_dataset
+    from jemlab.quality.reference import reference_feature_net
+
+    # A feature net in a cache of this test's own (the processes inherit the variable), so that rank 0 can track.
+    monkeypatch.setenv("JEMLAB_DATA", str(tmp_path / "cache"))
+    splits = load_dataset("fashion-mnist", str(tiny_idx_dir), val_size=40, seed=0, download=False, limit=160)
+    reference_feature_net(splits, epochs=1)
     run = tmp_path / "run"
     mp.start_processes(
         _fit_worker, args=(_free_port(), str(tiny_idx_dir), str(run)), nprocs=WORLD, start_method="spawn"
@@ -140,6 +149,9 @@ def test_two_process_checkpoint_resumes_on_two_and_on_one(tiny_idx_dir, tmp_path
     assert meta["progress"]["step"] == steps_per_epoch
     assert state["buffer"]["images"].shape[0] == 101  # the whole buffer, in the one-process layout
     assert (run / "metrics.jsonl").is_file() and (run / "metrics.json").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    measured = [r["step"] for r in records if "quality_fd" in r]
+    assert measured[:2] == [5, 10] and (run / "checkpoints" / "best-samples.safetensors").is_file()
 
     # One process picks it up: the whole buffer, same epoch, steps counted in its own (half as large) global batches.
     config = build_config("default", [*_overrides(str(tiny_idx_dir)), ("train.epochs", "2")])

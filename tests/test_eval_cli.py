@@ -89,7 +89,8 @@ def test_eval_all_writes_report_json_and_cache(runs, tmp_path, monkeypatch, caps
     assert samples["feature_space"]["frechet_unconditional"] >= 0
     assert 0 <= samples["conditional"]["feature_net_accuracy"]["accuracy"] <= 1
     conditional = samples["conditional"]
-    assert 0 <= conditional["near_copies"] <= 20 and conditional["near_copy_fraction"] == conditional["near_copies"] / 20
+    assert 0 <= conditional["near_copies"] <= 20
+    assert conditional["near_copy_fraction"] == conditional["near_copies"] / 20
     assert conditional["nearest_in_class_rms"] > 0
     assert samples["feature_net_cache"]["trained_now"] is True
     assert feature_net_path("fashion-mnist", tmp_path / "cache").is_file()

@@ -134,6 +134,7 @@ class Trainer:
         self.best_fd_step: int | None = None
         self._last_cd: float | None = None
         self._last_quality: dict[int, dict[str, float]] = {}  # {step: the last measurement}
+        self._quality_prepared = False
         self.metrics_lines = 0  # lines of run_dir/metrics.jsonl written so far (recorded in checkpoints)
         self._writer: MetricsWriter | None = None  # metrics.jsonl while `fit` runs (rank 0 with a run_dir)
         self._callback: Callable[[dict[str, Any]], None] | None = None  # `fit`'s callback, while it runs
@@ -747,11 +748,24 @@ class Trainer:
         drift = self._log_iteration(window, bar, gap_monitor) if self.step % self.config.train.log_every == 0 else None
         untimed = 0.0
         if self.quality.due(self.step):
-            if self.dist.is_main and self.quality.prepare_seconds == 0.0:  # the feature net, loaded or trained once
-                self.quality.prepare()
-                untimed = self.quality.prepare_seconds
-            drift = self._track_quality(gap_monitor) or drift
+            untimed = self._prepare_quality()  # the feature net, loaded or trained once
+            if self.quality.enabled:
+                drift = self._track_quality(gap_monitor) or drift
         return drift, untimed
+
+    def _prepare_quality(self) -> float:
+        """Before the first measurement: rank 0 loads (or trains and caches) the feature net, and every rank learns
+        whether tracking is possible, so that all take the same path. Returns the seconds it took (0 later on)."""
+        if self._quality_prepared:
+            return 0.0
+        start = time.monotonic()
+        ready = self.quality.prepare() if self.dist.is_main else False
+        if self.dist.active:
+            (ready,) = self.dist.any(ready)  # rank 0's answer
+            if not ready and self.quality.enabled:
+                self.quality.disabled_reason = "no feature net on rank 0"
+        self._quality_prepared = True
+        return time.monotonic() - start
 
     def _checkpoint_if_due(self, steps_per_epoch: int, checkpoint_due: bool, can_save: bool) -> bool:
         """End of an epoch (validation, grids, checkpoint) or a time-based checkpoint; a healthy snapshot when one is
@@ -859,9 +873,13 @@ class Trainer:
     def _finish(self, stop_reason: str, failure: str | None) -> dict[str, Any]:
         """Final checkpoint, metrics on val and test, metrics.json and sample grids; raise when training diverged."""
         done = stop_reason in ("epochs", "time budget")  # ended by itself: after a signal the process must exit now
-        quality = self._last_quality.get(self.step)  # measured at this very step already, or now (before the save,
-        if done and quality is None and self.quality.enabled:  # which records the best Fréchet distance)
-            quality, _ = self._measure_quality()
+        # Sample quality at the end: measured at this very step already, or now (before the save, which records the
+        # best Fréchet distance); the decision depends only on the step, the same on every rank.
+        if done and self.quality.enabled and not self.quality.due(self.step):
+            self._prepare_quality()
+            if self.quality.enabled:
+                self._measure_quality()
+        quality = self._last_quality.get(self.step)
         ckpt = self.save()
         final = {
             "stop_reason": stop_reason,

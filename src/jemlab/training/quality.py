@@ -68,7 +68,6 @@ class QualityTracker:
         # Train (and cache) a missing feature net only on the whole training set: one trained on a --limit subset
         # would be cached for every later evaluation of the dataset.
         self.may_train = self.settings.train_feature_net and config.data.limit is None
-        self.prepare_seconds = 0.0  # the one-time loading or training of the feature net
         if self.settings.every == 0:
             self.disabled_reason = "quality.every=0"
         elif len(splits.val) < 2:
@@ -83,14 +82,12 @@ class QualityTracker:
         return self.enabled and step > 0 and step % self.settings.every == 0
 
     def prepare(self) -> bool:
-        """Load (or train and cache) the feature net and the held-out features, once; the time it took is in
-        `prepare_seconds` (not a training cost: the trainer leaves it out of its time budget). False: tracking is
-        off or impossible (the reason is logged once)."""
+        """Load (or train and cache) the feature net and the held-out features, once (the trainer leaves the time
+        out of its budget). False: tracking is off or impossible (the reason is logged once)."""
         if self.net is not None:
             return True
         if not self.enabled:
             return False
-        start = time.monotonic()
         try:
             net, info = reference_feature_net(
                 self.splits,
@@ -104,13 +101,11 @@ class QualityTracker:
         self._log.info(f"sample-quality tracking: {info.get('note', '')}")
         if net is None:
             self.disabled_reason = info.get("note", "no feature net")
-            self.prepare_seconds = time.monotonic() - start
             return False
         self.net = net.to(self.device).eval()
         held_out = self.splits.val.images[: self.settings.samples]
         self.reference = self._features(to_model_range(held_out))
         self.reference_stats = qm.feature_statistics(self.reference)
-        self.prepare_seconds = time.monotonic() - start
         return True
 
     @torch.no_grad()
