@@ -70,7 +70,7 @@ def test_tracking_logs_quality_keeps_the_best_state_and_draws_the_curve(tmp_path
     records = [r for r in read_jsonl(run / "metrics.jsonl") if "quality_fd" in r and "test_accuracy" not in r]
     assert [r["step"] for r in records] == [10, 20, 30]
     for r in records:
-        for key in ("quality_fd", "quality_kid", "quality_class_fd", "quality_class_agreement",
+        for key in ("quality_fd", "quality_kid", "quality_fresh_fd", "quality_class_fd", "quality_class_agreement",
                     "quality_model_agreement", "quality_near_copies", "quality_nn_rms", "quality_seconds"):  # fmt: skip
             assert math.isfinite(r[key]), key
         assert 0 <= r["quality_near_copies"] <= 1 and r["quality_fd"] >= 0

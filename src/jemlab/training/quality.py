@@ -6,6 +6,8 @@ held-out validation images in the feature space of the dataset's cached referenc
 
 - ``quality_fd`` / ``quality_kid``: Fréchet distance and KID of the samples the run shows: `quality.samples`
   replay-buffer images for a JEM run (JEM's own protocol, no extra chain steps), fresh DDIM/DDPM samples for EGC;
+- ``quality_fresh_fd`` / ``quality_fresh_kid`` (JEM runs with a buffer, `quality.fresh`): the same for as many
+  chains started from the initialiser and run for the run's K steps;
 - ``quality_fd_class``: the same for `quality.per_class` class-conditional samples per class, drawn exactly as
   `jemlab sample --per-class` draws them; ``quality_class_agreement`` / ``quality_model_agreement``: how often the
   feature net / the model's own classifier assign them their requested class; ``quality_near_copies``: the fraction
@@ -137,6 +139,9 @@ class QualityTracker:
         out: dict[str, float] = {}
         unconditional = _unconditional_samples(source, q.samples, q.seed + step)
         out.update(self._scores(unconditional, "quality_"))
+        if q.fresh and source.buffer is not None:  # chains from the initialiser: can the model still make images?
+            x, _ = generate(source, q.samples, init="noise", generator=torch.Generator().manual_seed(q.seed + step + 2))
+            out.update(self._scores(x, "quality_fresh_"))
         if q.per_class > 0:
             c = self.splits.num_classes
             labels = torch.arange(c).repeat_interleave(q.per_class)

@@ -1,7 +1,8 @@
 """quality.png in the run directory: sample quality, variety and accuracy over the iterations of a run.
 
 Drawn from metrics.jsonl (so a resumed run's curve continues), after each sample-quality measurement: the Fréchet
-distance of the run's samples and of its class-conditional samples against held-out images (log scale), the
+distance of the run's samples, of fresh chains and of its class-conditional samples against held-out images (log
+scale), the
 fraction of class-conditional samples with a near-copy in their class, the validation accuracy, and a vertical
 line at every recovery (red) and drift warning (orange). Iterations that a recovery rolled back over are left out.
 """
@@ -61,6 +62,9 @@ def plot_quality(metrics: str | Path, out: str | Path) -> Path | None:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.0), sharex=True, constrained_layout=True)
     top.plot(steps_fd, fd, "o-", color="tab:blue", label="samples shown (replay buffer / fresh)")
+    steps_f, fd_f = _series(records, "quality_fresh_fd")
+    if steps_f:
+        top.plot(steps_f, fd_f, "^:", color="tab:orange", label="fresh chains from the initialiser")
     steps_c, fd_c = _series(records, "quality_class_fd")
     if steps_c:
         top.plot(steps_c, fd_c, "s--", color="tab:purple", label="class-conditional samples")
