@@ -5,7 +5,9 @@ module decides the same, by itself (the detectors that name a divergence are in 
 
 - `Recovery` keeps the last healthy state in memory (`Snapshot`: model, optimizer, replay buffer, batcher, every
   random generator, the detector's running statistics) — one every `recovery.snapshot_every` iterations and one at
-  every checkpoint, which is its copy on disk.
+  every checkpoint, which is its copy on disk. A slow drift (the energy gap opening, the tracked sample quality
+  falling: `DRIFT_REASONS`) may already be in that snapshot, so it rolls back further, to the `anchor`: the state
+  at the last sample-quality measurement that found the samples healthy (without tracking, the last snapshot).
 - On divergence, `Recovery.recover` returns a `RecoveryPlan`: the snapshot to roll back to and, unless recovery is
   off or out of retries, what changes from then on — a new config made by the policy (`apply_policy`: lower
   learning rate, more SGLD steps, stronger energy L2), a new seed for the chains, and how many buffer chains to
