@@ -162,3 +162,9 @@ def test_bad_preset_files_are_one_line_errors(tmp_path, files, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_presets(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_list_values_take_the_toml_spelling_too():
+    for spelling in ("10,20", "[10, 20]", "(10,20)"):
+        assert build_config("default", [("optim.milestones", spelling)]).optim.milestones == (10, 20)
+    assert build_config("default", [("optim.milestones", "[]")]).optim.milestones == ()

@@ -50,7 +50,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     if origin is tuple:
         items = value
         if isinstance(value, str):
-            items = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+            # "10,20", "(10, 20)" or "[10, 20]" (the TOML/JSON spelling of the same list)
+            items = [v for v in value.strip("[]() ").split(",") if v.strip()]
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{key} must be a comma-separated list, got {value!r}")
         item_type = args[0] if args else str
