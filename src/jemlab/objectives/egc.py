@@ -36,6 +36,27 @@ class EGCWeights:
     label_dropout: float = 0.1
 
 
+def _noised(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    label_dropout: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A training batch's diffusion draws, in this order from `generator`: timesteps t, noise ε, and (for a
+    label-conditioned network) which labels are dropped to the "no label" class. Returns (t, ε, x_t, labels or
+    None); both objectives call it, so they see the same noisy images for the same seed."""
+    n, device = len(x0), x0.device
+    t = schedule.sample_timesteps(n, generator, device)  # (B,)
+    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    x_t = schedule.q_sample(x0, t, noise)
+    if getattr(model, "label_embed", None) is None:
+        return t, noise, x_t, None
+    dropped = torch.rand(n, generator=generator, device=device) < label_dropout
+    return t, noise, x_t, torch.where(dropped, torch.full_like(y, model.num_classes), y)
+
+
 def egc_loss(
     model: torch.nn.Module,
     schedule: NoiseSchedule,
@@ -60,14 +81,8 @@ def egc_loss(
         (loss, stats): the scalar loss and detached diagnostics.
     """
     n, device = len(x0), x0.device
-    t = schedule.sample_timesteps(n, generator, device)  # (B,)
-    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    x_t = schedule.q_sample(x0, t, noise)
-    conditional = getattr(model, "label_embed", None) is not None
-    y_eps = None
-    if conditional:
-        dropped = torch.rand(n, generator=generator, device=device) < weights.label_dropout
-        y_eps = torch.where(dropped, torch.full_like(y, model.num_classes), y)
+    t, noise, x_t, y_eps = _noised(model, schedule, x0, y, weights.label_dropout, generator)
+    conditional = y_eps is not None
 
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     # Denoising term: ε̂ from the gradient of the energy, kept in the graph.
@@ -131,15 +146,8 @@ def epsilon_loss(
     Returns:
         (loss, stats): the scalar loss and detached diagnostics (``loss``, ``mse``).
     """
-    n, device = len(x0), x0.device
-    t = schedule.sample_timesteps(n, generator, device)  # (B,)
-    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    x_t = schedule.q_sample(x0, t, noise)
-    y_eps = None
-    if getattr(model, "label_embed", None) is not None:
-        dropped = torch.rand(n, generator=generator, device=device) < weights.label_dropout
-        y_eps = torch.where(dropped, torch.full_like(y, model.num_classes), y)
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    t, noise, x_t, y_eps = _noised(model, schedule, x0, y, weights.label_dropout, generator)
+    with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         eps_hat = model.predict_eps(x_t, t, y_eps)  # (B, C, H, W)
     mse = (eps_hat.float() - noise).pow(2).mean()
     return mse, {"loss": mse.detach(), "mse": mse.detach()}
