@@ -56,3 +56,27 @@ def tiny_config_overrides(tiny_idx_dir):
         ("optim.warmup_steps", "5"),
         ("quality.every", "0"),  # sample-quality tracking has its own tests (test_quality_tracking.py)
     ]
+
+
+@pytest.fixture()
+def resume_repeats_steps():
+    """Check that a resumed EGC trainer repeats two steps exactly: save `trainer`, step it twice, resume a fresh
+    trainer (from `make_trainer()`) from the save, step it twice, compare live and EMA weights. Returns the EMA."""
+
+    def check(trainer, make_trainer):
+        path = trainer.save()
+        for _ in range(2):
+            trainer.train_step(*trainer.batcher.next_batch(), epoch=0)
+        expected = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        expected_ema = {k: v.clone() for k, v in trainer.eval_model.state_dict().items()}
+        resumed = make_trainer()
+        resumed.resume(path)
+        for _ in range(2):
+            resumed.train_step(*resumed.batcher.next_batch(), epoch=0)
+        for key, value in resumed.model.state_dict().items():
+            assert torch.equal(value, expected[key]), key
+        for key, value in resumed.eval_model.state_dict().items():
+            assert torch.equal(value, expected_ema[key]), key
+        return expected_ema
+
+    return check

@@ -136,27 +136,18 @@ def test_control_loss_is_the_denoising_mse_and_decreases_on_a_fixed_batch():
     assert losses[-1] < 0.9 * losses[0]
 
 
-def test_control_trainer_steps_resume_exactly_and_load_without_a_classifier(tmp_path, tiny_config_overrides):
+def test_control_trainer_steps_resume_exactly_and_load_without_a_classifier(
+    tmp_path, tiny_config_overrides, resume_repeats_steps
+):
     trainer = Trainer(control_config(tiny_config_overrides), tmp_path / "run")
     for _ in range(3):
         stats = trainer.train_step(*trainer.batcher.next_batch(), epoch=0)
     assert set(stats) == {"lr", "loss", "mse", "grad_norm", "train_accuracy"}
     assert math.isfinite(stats["loss"]) and math.isnan(stats["train_accuracy"])  # no classifier: nan
     assert trainer.evaluate("val") == {}
-    trainer.save()
-    for _ in range(2):
-        trainer.train_step(*trainer.batcher.next_batch(), epoch=0)
-    expected = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    expected_ema = {k: v.clone() for k, v in trainer.eval_model.state_dict().items()}
-
-    resumed = Trainer(control_config(tiny_config_overrides), tmp_path / "run2")
-    resumed.resume(tmp_path / "run")
-    for _ in range(2):
-        resumed.train_step(*resumed.batcher.next_batch(), epoch=0)
-    for key, value in resumed.model.state_dict().items():
-        assert torch.equal(value, expected[key]), key
-    for key, value in resumed.eval_model.state_dict().items():
-        assert torch.equal(value, expected_ema[key]), key
+    expected_ema = resume_repeats_steps(
+        trainer, lambda: Trainer(control_config(tiny_config_overrides), tmp_path / "run2")
+    )
 
     trainer.save()
     run = load_run(tmp_path / "run", device="cpu")

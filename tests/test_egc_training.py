@@ -51,7 +51,7 @@ def test_egc_config_is_validated():
         build_config("egc", [("model.depth", 3)])
 
 
-def test_trainer_steps_update_ema_and_resume_exactly(tmp_path, tiny_config_overrides):
+def test_trainer_steps_update_ema_and_resume_exactly(tmp_path, tiny_config_overrides, resume_repeats_steps):
     trainer = Trainer(tiny_config(tiny_config_overrides), tmp_path / "run")
     assert trainer.buffer is None and trainer.egc is not None
     for _ in range(3):
@@ -60,20 +60,7 @@ def test_trainer_steps_update_ema_and_resume_exactly(tmp_path, tiny_config_overr
     assert trainer.egc.ema.updates == 3
     live, ema = trainer.model.state_dict(), trainer.eval_model.state_dict()
     assert any(not torch.equal(live[k], ema[k]) for k in live)  # the EMA lags the live weights
-    trainer.save()
-    for _ in range(2):
-        trainer.train_step(*trainer.batcher.next_batch(), epoch=0)
-    expected = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    expected_ema = {k: v.clone() for k, v in trainer.eval_model.state_dict().items()}
-
-    resumed = Trainer(tiny_config(tiny_config_overrides), tmp_path / "run2")
-    resumed.resume(tmp_path / "run")
-    for _ in range(2):
-        resumed.train_step(*resumed.batcher.next_batch(), epoch=0)
-    for key, value in resumed.model.state_dict().items():
-        assert torch.equal(value, expected[key]), key
-    for key, value in resumed.eval_model.state_dict().items():
-        assert torch.equal(value, expected_ema[key]), key
+    expected_ema = resume_repeats_steps(trainer, lambda: Trainer(tiny_config(tiny_config_overrides), tmp_path / "run2"))
 
     # A loaded run evaluates and samples with the EMA weights of the checkpoint.
     trainer.save()
