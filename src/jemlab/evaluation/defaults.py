@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jemlab.quality import FEATURE_NET_EPOCHS, FEATURE_NET_MINUTES
+
 #: The parts of the evaluation, in the order they run.
 PARTS: tuple[str, ...] = ("classification", "calibration", "ood", "robustness", "samples")
 
@@ -32,8 +34,8 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "kid_subsets": 10,
     "kid_subset_size": 500,
     "bins": 20,  # JEM++'s ECE protocol
-    "feature_net_epochs": 2,
-    "feature_net_minutes": 3.0,
+    "feature_net_epochs": FEATURE_NET_EPOCHS,
+    "feature_net_minutes": FEATURE_NET_MINUTES,
 }
 
 #: Smaller attack sizes for EGC checkpoints: every attack step differentiates through the UNet's input gradient (a

@@ -7,4 +7,9 @@ The evaluation suite (`jemlab eval --parts samples`) and the training loop's liv
 
 from __future__ import annotations
 
-__all__ = ["arrays", "diversity", "feature_net", "metrics", "reference"]
+__all__ = ["FEATURE_NET_EPOCHS", "FEATURE_NET_MINUTES", "arrays", "diversity", "feature_net", "metrics", "reference"]
+
+#: How the reference feature net is trained when no cached one exists (by `jemlab eval` or by training-time tracking,
+#: so that whichever trains it first caches the same kind of net). Kept here, free of heavy imports, for the CLI help.
+FEATURE_NET_EPOCHS = 2
+FEATURE_NET_MINUTES = 3.0

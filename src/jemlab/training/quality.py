@@ -34,6 +34,7 @@ from jemlab.config import Config
 from jemlab.data import DatasetSplits
 from jemlab.errors import JemlabError
 from jemlab.generate import generate
+from jemlab.quality import FEATURE_NET_EPOCHS, FEATURE_NET_MINUTES
 from jemlab.quality import metrics as qm
 from jemlab.quality.diversity import within_class_diversity
 from jemlab.quality.feature_net import to_model_range
@@ -43,9 +44,6 @@ if TYPE_CHECKING:
     from jemlab.generate import SamplingSource
     from jemlab.quality.feature_net import FeatureNet
 
-#: The reference feature net's training when no cached one exists: the sizes `jemlab eval` uses.
-FEATURE_NET_EPOCHS = 2
-FEATURE_NET_MINUTES = 3.0
 
 
 class QualityTracker:
