@@ -30,6 +30,7 @@ def tiny_run(root: Path, preset: str = "default", extra: list[tuple[str, object]
         ("sampler.steps", "3"),
         ("sampler.buffer_size", "100"),
         ("optim.warmup_steps", "5"),
+        ("quality.every", "0"),
     ]
     run_dir = root / "run"
     Trainer(build_config(preset, [*overrides, *(extra or [])]), run_dir).fit()

@@ -34,6 +34,7 @@ def tiny_overrides(data: Path) -> dict[str, object]:
         "sampler.steps": 3,
         "sampler.buffer_size": 100,
         "optim.warmup_steps": 3,
+        "quality.every": 0,  # sample-quality tracking has its own tests (test_quality_tracking.py)
     }
 
 

@@ -17,6 +17,7 @@ def _train_args(tiny_idx_dir, run_dir, preset="default", extra=()):
         "--epochs", "2", "--batch-size", "32", "--no-progress",
         "--set", "data.val_size=100", "--set", "data.download=false", "--set", "train.tensorboard=false",
         "--set", "sampler.steps=3", "--set", "sampler.buffer_size=200", "--set", "train.log_every=5",
+        "--set", "quality.every=0",  # sample-quality tracking has its own tests
         *extra,
     ]  # fmt: skip
 
