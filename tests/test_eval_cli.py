@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from jemlab.cli import main
 from jemlab.config import Config
 from jemlab.data.testing import write_idx_dataset
-from jemlab.evaluation.command import feature_net_path, make_defend_fn, partner_ood_sets
+from jemlab.evaluation.command import make_defend_fn, partner_ood_sets
 
 # Sizes that make every part run in about a second on the tiny fake dataset.
 TINY = [
@@ -30,6 +31,7 @@ def _train(data_dir, run_dir, preset):
         "--epochs", "1", "--batch-size", "32", "--no-progress",
         "--set", "data.val_size=100", "--set", "data.download=false", "--set", "train.tensorboard=false",
         "--set", "sampler.steps=3", "--set", "sampler.buffer_size=200", "--set", "train.log_every=5",
+        "--set", "quality.every=0",  # sample-quality tracking has its own tests
     ]  # fmt: skip
     assert main(args) == 0
 
@@ -93,7 +95,8 @@ def test_eval_all_writes_report_json_and_cache(runs, tmp_path, monkeypatch, caps
     assert conditional["near_copy_fraction"] == conditional["near_copies"] / 20
     assert conditional["nearest_in_class_rms"] > 0
     assert samples["feature_net_cache"]["trained_now"] is True
-    assert feature_net_path("fashion-mnist", tmp_path / "cache").is_file()
+    assert Path(samples["feature_net_cache"]["path"]).is_file()
+    assert Path(samples["feature_net_cache"]["path"]).is_relative_to(tmp_path / "cache" / "feature_nets")
 
 
 def test_pgd_loss_flag_reaches_the_attack_and_the_protocol(runs, tmp_path, capsys):
@@ -113,7 +116,8 @@ def test_fid_ref_trains_once_then_reuses(runs, tmp_path, capsys):
     assert main([*args, "--epochs", "1"]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["cached"] is False and first["trained_now"] is True and 0 <= first["accuracy"] <= 1
-    weights = feature_net_path("fashion-mnist", cache)
+    weights = Path(first["path"])
+    assert weights.is_file() and weights.is_relative_to(cache / "feature_nets" / "fashion-mnist")
     stamp = weights.stat().st_mtime_ns
     assert main([*args, "--epochs", "1"]) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -150,6 +150,22 @@ def test_feature_net_trains_saves_and_loads(tmp_path):
         load_feature_net(path)
 
 
+def test_cached_feature_nets_are_keyed_by_the_test_split_not_just_the_name(tmp_path):
+    from jemlab.data import load_dataset
+    from jemlab.data.testing import write_idx_dataset
+    from jemlab.quality.reference import feature_net_path
+
+    one = write_idx_dataset(tmp_path / "one", n_train=200, n_test=50, seed=0)
+    other = write_idx_dataset(tmp_path / "other", n_train=200, n_test=50, seed=1)
+    split = load_dataset("fashion-mnist", one, val_size=20, seed=0, download=False)
+    resplit = load_dataset("fashion-mnist", one, val_size=50, seed=3, download=False, limit=100)
+    stand_in = load_dataset("fashion-mnist", other, val_size=20, seed=0, download=False)
+    # the same files share one net whatever the validation split, seed or limit; other files under the name do not
+    assert feature_net_path(split, tmp_path) == feature_net_path(resplit, tmp_path)
+    assert feature_net_path(stand_in, tmp_path) != feature_net_path(split, tmp_path)
+    assert feature_net_path(split, tmp_path).parent.parent == tmp_path / "feature_nets" / "fashion-mnist"
+
+
 # ------------------------------------------------------------------------------------ suite
 
 

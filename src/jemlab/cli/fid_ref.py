@@ -18,7 +18,8 @@ def add_parser(sub: Any) -> None:
         help="train and cache the feature net for FD/KID",
         description=(
             "Train the domain classifier whose features `jemlab eval` uses for Fréchet distance and KID (Inception "
-            "weights are unavailable offline), once per dataset, and cache it under <cache>/feature_nets/<dataset>/."
+            "weights are unavailable offline), once per dataset, and cache it under "
+            "<cache>/feature_nets/<dataset>/<fingerprint of its test split>/."
         ),
     )
     p.add_argument("--dataset", default="fashion-mnist", help="dataset name (default: %(default)s)")
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     splits = load_dataset(args.dataset, args.data_dir, val_size=0, seed=args.seed)
-    cached = feature_net_path(splits.name, args.cache_dir).is_file() and not args.force
+    cached = feature_net_path(splits, args.cache_dir).is_file() and not args.force
     _, info = reference_feature_net(
         splits,
         cache_dir=args.cache_dir,

@@ -164,8 +164,9 @@ class QualityConfig:
     per_class: int = 50  # class-conditional samples per class, drawn as `jemlab sample --per-class` draws them
     fresh: bool = True  # also score `samples` chains started from the initialiser (K steps), besides the buffer
     seed: int = 0  # seed of the measurement's own draws (the training's random streams are not touched)
-    # the dataset's cached reference feature net (<cache>/feature_nets/<dataset>/); trained and cached on first use
-    # when missing (about a minute for Fashion-MNIST on 2 cores), unless this is false (tracking is then skipped)
+    # the dataset's cached reference feature net (<cache>/feature_nets/<dataset>/<fingerprint>/); trained and cached
+    # on first use when missing (about a minute for Fashion-MNIST on 2 cores), unless this is false (tracking is then
+    # skipped)
     train_feature_net: bool = True
     keep_best: bool = True  # checkpoints/best-samples.safetensors: the state with the lowest tracked Fréchet distance
 

@@ -12,7 +12,8 @@ glue for one loaded run (:func:`jemlab.run.load_run`):
   dataset (Fashion-MNIST ↔ MNIST, CIFAR ↔ SVHN/CIFAR-100) when its files are on disk and its images have the
   model's shape;
 - the domain feature net for Fréchet distance/KID, trained once per dataset and cached under
-  ``<cache>/feature_nets/<dataset>/`` (``<cache>`` = ``--cache-dir``, ``$JEMLAB_DATA`` or ``~/.cache/jemlab``).
+  ``<cache>/feature_nets/<dataset>/<fingerprint of the test split>/`` (``<cache>`` = ``--cache-dir``,
+  ``$JEMLAB_DATA`` or ``~/.cache/jemlab``).
 """
 
 from __future__ import annotations

@@ -2,11 +2,14 @@
 
 `jemlab eval --parts samples`, `jemlab fid-ref` and the training-time sample-quality tracking all measure Fréchet
 distance and KID in the feature space of the same cached net (``<cache>/feature_nets/<dataset>/``), so their numbers
-are comparable with each other.
+are comparable with each other. The cache is keyed by the dataset's name *and* a fingerprint of its test split, so a
+net trained on other files under the same name (the quickstart's generated stand-in for Fashion-MNIST, a user's own
+copy) never stands in for the real one: ``<cache>/feature_nets/<dataset>/<fingerprint>/``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,24 +20,49 @@ from jemlab.data.locate import cache_root
 from jemlab.errors import JemlabError
 from jemlab.quality.feature_net import FeatureNet, load_feature_net, save_feature_net, train_feature_net
 
-__all__ = ["FEATURE_NET_FILE", "feature_net_path", "reference_feature_net", "train_reference_feature_net"]
+__all__ = [
+    "FEATURE_NET_FILE",
+    "dataset_fingerprint",
+    "feature_net_path",
+    "reference_feature_net",
+    "train_reference_feature_net",
+]
 
 FEATURE_NET_FILE = "feature_net.safetensors"
 _COLOUR_DATASETS = ("cifar10", "cifar100", "svhn")
 
 
-def feature_net_path(dataset: str, cache_dir: str | Path | None = None) -> Path:
+def dataset_fingerprint(splits: DatasetSplits) -> str:
+    """A short hash of the test split (pixels, labels, shape): the images FD/KID are measured against.
+
+    The test split does not depend on the validation size, the seed or ``--limit``, so every run and evaluation of
+    the same files shares one feature net, and different files under one name do not.
+
+    Args:
+        splits: The dataset.
+
+    Returns:
+        12 hexadecimal digits.
+    """
+    digest = hashlib.sha256()
+    digest.update(f"{splits.name}|{splits.num_classes}|{tuple(splits.image_shape)}".encode())
+    digest.update(splits.test.images.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(splits.test.labels.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def feature_net_path(splits: DatasetSplits, cache_dir: str | Path | None = None) -> Path:
     """Where the cached feature net of a dataset lives.
 
     Args:
-        dataset: Canonical dataset name.
+        splits: The dataset (its name and the fingerprint of its test split make the key).
         cache_dir: jemlab cache root (None: ``$JEMLAB_DATA`` or ``~/.cache/jemlab``).
 
     Returns:
-        ``<cache>/feature_nets/<dataset>/feature_net.safetensors`` (its JSON sidecar sits next to it).
+        ``<cache>/feature_nets/<dataset>/<fingerprint>/feature_net.safetensors`` (its JSON sidecar sits next to it).
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    return root / "feature_nets" / dataset / FEATURE_NET_FILE
+    return root / "feature_nets" / splits.name / dataset_fingerprint(splits) / FEATURE_NET_FILE
 
 
 def train_reference_feature_net(
@@ -99,7 +127,7 @@ def reference_feature_net(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[FeatureNet | None, dict[str, Any]]:
-    """The cached feature net of ``splits.name``, training and caching it when missing.
+    """The cached feature net of ``splits`` (see :func:`feature_net_path`), training and caching it when missing.
 
     Args:
         splits: The dataset.
@@ -114,7 +142,7 @@ def reference_feature_net(
     Returns:
         ``(net or None, info)``; info = {path, trained_now, train_seconds, accuracy, note}.
     """
-    path = feature_net_path(splits.name, cache_dir)
+    path = feature_net_path(splits, cache_dir)
     info: dict[str, Any] = {"path": str(path), "trained_now": False}
     if path.is_file() and not force:
         net = load_feature_net(path)
