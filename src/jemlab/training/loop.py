@@ -862,7 +862,7 @@ class Trainer:
         t = self.config.train
         val = self.evaluate("val")
         self._emit({"step": self.step, "epoch": done_epochs, "elapsed_s": self.elapsed, **val})
-        self._log.info(f"epoch {done_epochs}: " + _format_record(val))
+        self._log.info(f"epoch {done_epochs}: " + (_format_record(val) if val else "done (no classifier to validate)"))
         if done_epochs % t.sample_every == 0 and self.dist.is_main:
             self.sample_grids(f"epoch{done_epochs:03d}")
         if done_epochs % t.checkpoint_every == 0 and can_save:
