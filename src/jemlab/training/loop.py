@@ -902,9 +902,10 @@ class Trainer:
         }
         if failure is not None:
             final["error"] = failure
+        scores = {k: final[k] for k in final if k.endswith(("accuracy", "nll"))}
         self._log.info(
             f"finished ({stop_reason}) after {self.step} steps, {self.elapsed / 60:.1f} min: "
-            + _format_record({k: final[k] for k in final if k.endswith(("accuracy", "nll"))})
+            + (_format_record(scores) if scores else "no classifier (its samples: `jemlab eval --parts samples`)")
         )
         floats = {k: v for k, v in final.items() if isinstance(v, float)}
         self._emit({"step": self.step, "epoch": final["epoch"], "elapsed_s": self.elapsed, **floats})
