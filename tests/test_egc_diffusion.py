@@ -14,10 +14,13 @@ from jemlab.generate.egc import generate_egc, guided_eps
 from jemlab.models import build_model
 
 
-def tiny_egc(energy: str = "map", conditional: bool = True, pool: str = "mean", seed: int = 0) -> torch.nn.Module:
+def tiny_egc(
+    energy: str = "map", conditional: bool = True, pool: str = "mean", seed: int = 0, energy_scale: str = "none"
+) -> torch.nn.Module:
     """A small EGC network on 8×8 images with every weight random (the zero-initialised ones too)."""
     torch.manual_seed(seed)
     options = {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention": [2], "energy": energy}
+    options["energy_scale"] = energy_scale
     model = build_model("egc_unet", (1, 8, 8), 3, options={**options, "pool": pool, "label_conditioning": conditional})
     with torch.no_grad():
         for p in model.parameters():
@@ -26,10 +29,16 @@ def tiny_egc(energy: str = "map", conditional: bool = True, pool: str = "mean", 
 
 
 @pytest.mark.parametrize(
-    ("energy", "conditional", "pool"), [("map", True, "mean"), ("pooled", False, "attention"), ("map", False, "mean")]
+    ("energy", "conditional", "pool", "scale"),
+    [
+        ("map", True, "mean", "none"),
+        ("pooled", False, "attention", "none"),
+        ("map", False, "mean", "none"),
+        ("map", True, "mean", "sigma"),
+    ],
 )
-def test_eps_is_scaled_energy_gradient_by_finite_differences(energy, conditional, pool):
-    model = tiny_egc(energy, conditional, pool).double().eval()
+def test_eps_is_scaled_energy_gradient_by_finite_differences(energy, conditional, pool, scale):
+    model = tiny_egc(energy, conditional, pool, energy_scale=scale).double().eval()
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     t = torch.tensor([3, 700])
     y = torch.tensor([1, 3]) if conditional else None  # 3 = the "no label" token
@@ -41,7 +50,25 @@ def test_eps_is_scaled_energy_gradient_by_finite_differences(energy, conditional
         bump[index] = h
         diff = (model.energy_t(x + bump, t, y) - model.energy_t(x - bump, t, y)) / (2 * h)  # (N,)
         n = index[0]
-        assert eps[index].item() == pytest.approx(sigma[n].item() * diff[n].item(), rel=1e-5, abs=1e-8)
+        # energy_scale="sigma": the network's energy is g with E = g / σ, so ε̂ = σ·∇E = ∇g
+        factor = 1.0 if scale == "sigma" else sigma[n].item()
+        assert eps[index].item() == pytest.approx(factor * diff[n].item(), rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("scale", ["none", "sigma"])
+def test_training_loss_and_samplers_read_the_same_noise_estimate(scale):
+    """The EGC loss's ε̂ is exactly what `model.eps` (the samplers' call) returns, for either energy scale."""
+    from jemlab.objectives import EGCWeights, egc_loss
+    from jemlab.objectives.egc import _noised
+
+    model = tiny_egc("map", energy_scale=scale).double()
+    schedule = NoiseSchedule("linear", 100)
+    x0, y = (torch.rand(4, 1, 8, 8) * 2 - 1).double(), torch.tensor([0, 1, 2, 0])
+    weights = EGCWeights(gamma=0.0, gamma_clean=0.0)
+    _, stats = egc_loss(model, schedule, x0, y, weights, torch.Generator().manual_seed(5))
+    t, noise, x_t, y_eps = _noised(model, schedule, x0, y, weights.label_dropout, torch.Generator().manual_seed(5))
+    eps = model.eps(x_t, t, schedule.sigma(t, x0), y_eps)
+    assert stats["mse"].item() == pytest.approx((eps - noise).pow(2).mean().item(), rel=1e-9)
 
 
 def test_energy_at_t0_is_the_evaluation_interface():

@@ -37,6 +37,8 @@ from jemlab.errors import ConfigError, JemlabError
 
 #: What the output head emits: the per-pixel logit map (EGC's energy network) or ε̂ itself (the control).
 OUTPUTS = ("logits", "epsilon")
+#: How the energy's input gradient becomes ε̂: scaled by the noise level (as published) or read as ε̂ directly.
+ENERGY_SCALES = ("none", "sigma")
 
 
 class NoClassifierError(JemlabError):
@@ -163,6 +165,11 @@ class EGCUNet(nn.Module):
         output: ``"logits"`` (EGC: the per-pixel logit map, read as an energy and a classifier) or ``"epsilon"``
             (the control: the last convolution emits ε̂ with ``in_channels`` channels instead of ``num_classes``;
             ``energy`` and ``pool`` are then not used, and there is no attention pooling to build).
+        energy_scale: how the energy's input gradient becomes the noise estimate. ``"none"`` (EGC as published):
+            ε̂ = √(1 − ᾱ_t) ∇ₓE, so at small t the gradient must be ~1/√(1 − ᾱ_t) (up to ~100×) larger than at
+            large t. ``"sigma"``: the energy is the network's g divided by the noise level, E(x_t, t) = g(x_t, t) /
+            √(1 − ᾱ_t), so ε̂ = ∇ₓg at one scale for every t; classification reads the same logit map, and at a
+            fixed t (t = 0 for evaluation) the energy is g up to a constant factor, the same ordering.
     """
 
     def __init__(
@@ -180,10 +187,13 @@ class EGCUNet(nn.Module):
         label_conditioning: bool = True,
         patch: int = 1,
         output: str = "logits",
+        energy_scale: str = "none",
     ) -> None:
         super().__init__()
         if output not in OUTPUTS:
             raise ConfigError(f"egc_unet output must be {' or '.join(OUTPUTS)}, got '{output}'")
+        if energy_scale not in ENERGY_SCALES:
+            raise ConfigError(f"egc_unet energy_scale must be {' or '.join(ENERGY_SCALES)}, got '{energy_scale}'")
         if energy not in ("map", "pooled"):
             raise ConfigError(f"egc_unet energy must be map or pooled, got '{energy}'")
         if pool not in ("mean", "attention"):
@@ -202,6 +212,7 @@ class EGCUNet(nn.Module):
         self.num_classes = num_classes
         self.energy_form = energy
         self.output = output
+        self.energy_scale = energy_scale
         # The control has no classifier: the evaluation reads this to skip (or refuse) the parts that need one.
         self.has_classifier = output == "logits"
         self.width = width
@@ -376,8 +387,13 @@ class EGCUNet(nn.Module):
             x_in = x.detach().requires_grad_(True)
             energy = self.energy_t(x_in, t, y)
             (grad,) = torch.autograd.grad(energy.sum(), x_in, create_graph=create_graph)
-        eps = sigma * grad
+        eps = self.noise_from_gradient(grad, sigma)
         return eps if create_graph else eps.detach()
+
+    def noise_from_gradient(self, grad: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """ε̂ from the input gradient of the network's energy: √(1 − ᾱ_t)·∇ₓE, or ∇ₓg itself with
+        ``energy_scale="sigma"`` (see the class docstring). The training loss and the samplers both come here."""
+        return grad if self.energy_scale == "sigma" else sigma * grad
 
     # --- the t = 0 reading used by evaluation (same interface as EnergyModel) ------------------------------------
 

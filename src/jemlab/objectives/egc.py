@@ -69,7 +69,8 @@ def egc_loss(
     """Compute the EGC loss on a batch of clean images.
 
     Args:
-        model: an EGC network (`logit_map`, `energy_from_map`, `pool_logits`, `label_embed`, `num_classes`).
+        model: an EGC network (`logit_map`, `energy_from_map`, `noise_from_gradient`, `pool_logits`, `label_embed`,
+            `num_classes`).
         schedule: the noise schedule.
         x0: (B, C, H, W) clean training images in [−1, 1].
         y: (B,) labels.
@@ -91,7 +92,7 @@ def egc_loss(
         m_noisy = model.logit_map(x_in, t, y_eps)  # (B, C, H, W)
     energy = model.energy_from_map(m_noisy)  # (B,)
     (grad,) = torch.autograd.grad(energy.sum(), x_in, create_graph=True)
-    eps_hat = schedule.sigma(t, x0) * grad.float()
+    eps_hat = model.noise_from_gradient(grad.float(), schedule.sigma(t, x0))
     mse = (eps_hat - noise).pow(2).mean()
 
     # Classification terms, read without a label (the label-free map). Without label conditioning the noisy map
