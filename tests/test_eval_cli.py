@@ -218,3 +218,14 @@ def test_inconsistent_flags_are_one_line_errors(tmp_path, capsys, extra, message
     assert main(["eval", "--checkpoint", str(tmp_path / "nope"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
+
+
+def test_eval_draws_all_samples_in_one_sampler_call():
+    """JEM starts are distinct within one `generate` call only; chunked calls re-drew buffer images (near-copies)."""
+    from jemlab.cli import build_parser
+    from jemlab.cli.eval import _suite_options
+
+    args = build_parser().parse_args(["eval", "--checkpoint", "x", "--parts", "samples", "--n-samples", "1000"])
+    trained = SimpleNamespace(config=Config())
+    options = _suite_options(args, trained, seed=0)
+    assert options.n_samples == 1000 and options.sample_batch == 1000

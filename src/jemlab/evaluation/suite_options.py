@@ -54,7 +54,9 @@ class SuiteOptions:
         defence_noise: SGLD noise σ of the refinement.
         defence_init_noise: Gaussian noise added before refining (JEM: 0.03).
         n_samples: Generated samples (unconditional, and again class-conditional).
-        sample_batch: Samples per ``sample_fn`` call.
+        sample_batch: Samples per ``sample_fn`` call. A sample_fn built on :func:`jemlab.generate.generate` batches
+            its chains itself and draws distinct starting images only within one call, so give it all ``n_samples``
+            at once (as ``jemlab eval`` does); several calls may start from the same buffer images again.
         conditional_samples: Also ask ``sample_fn`` for class-conditional samples.
         kid_subsets: KID subsets.
         kid_subset_size: KID subset size (capped by the set sizes).
