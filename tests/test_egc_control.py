@@ -51,6 +51,7 @@ def test_control_preset_is_egc_with_the_epsilon_head_and_no_classifier_terms():
         ("egc", [("egc.parameterisation", "epsilon")], "set model.output=epsilon (got 'logits')"),
         ("egc", [("model.output", "epsilon")], "model.output=epsilon gives the UNet no energy"),
         ("egc", [("model.output", "eps")], "model.output must be logits or epsilon"),
+        ("egc", [("model.energy_scale", "noise")], "model.energy_scale must be none or sigma"),
         ("egc-control", [("egc.guidance", "2")], "classifier guidance (egc.guidance=2) needs a classifier"),
         ("egc-control", [("model.label_conditioning", "false")], "keep model.label_conditioning=true"),
     ],

@@ -263,6 +263,10 @@ def _validate_egc_parameterisation(config: Config) -> None:
     """The UNet's output head matches egc.parameterisation; the ε-prediction control has no classifier to guide."""
     e, output = config.egc, config.model.options.get("output", "logits")
     _one_of(output, "model.output", ("logits", "epsilon"), " (the EGC UNet's output head)")
+    _one_of(
+        config.model.options.get("energy_scale", "none"), "model.energy_scale", ("none", "sigma"),
+        " (how the energy's gradient becomes the noise estimate)",
+    )
     if e.parameterisation == "epsilon":
         _check(
             output == "epsilon",
