@@ -174,8 +174,11 @@ def test_generation_with_a_fixed_generator_is_deterministic(sampler):
     assert protocol["sampler"] == sampler and protocol["steps"] == 4 and not protocol["conditional"]
 
 
-def test_guidance_adds_the_classifier_gradient():
-    model = tiny_egc("map", conditional=False).eval()
+@pytest.mark.parametrize("scale", ["none", "sigma"])
+def test_guidance_adds_the_classifier_gradient(scale):
+    """ε̂ − s·σ·∇ₓ log p(y | x_t, t) at either energy scale (at "sigma" the energy gradient is not multiplied by σ
+    but the classifier's is)."""
+    model = tiny_egc("map", conditional=False, energy_scale=scale).eval()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([100, 500])
     sigma, y = torch.tensor([0.5, 0.8]).view(2, 1, 1, 1), torch.tensor([2, 0])
     plain = guided_eps(model, x, t, sigma, y, guidance=0.0)
@@ -185,3 +188,16 @@ def test_guidance_adds_the_classifier_gradient():
     (grad_log_py,) = torch.autograd.grad(log_py, x_in)
     guided = guided_eps(model, x, t, sigma, y, guidance=2.0)
     assert torch.allclose(guided, plain - 2.0 * sigma * grad_log_py, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", ["none", "sigma"])
+def test_langevin_at_t0_steps_the_true_t0_energy(scale):
+    """The refinement defence's step on `model.energy(x)` is α = σ_0²/2 on E(x, 0) = energy(x)·(1 or 1/σ_0)."""
+    from jemlab.generate.egc import langevin_at_t0
+
+    config = build_config(preset="egc", overrides=[("model.energy_scale", scale)])
+    model = build_model("egc_unet", (1, 28, 28), 10, options=config.model.options)
+    step, noise = langevin_at_t0(config, model)
+    sigma0 = noise
+    assert sigma0 == pytest.approx(0.01, rel=1e-3)  # the linear schedule's √β_1
+    assert step == pytest.approx(sigma0**2 / 2 * (1 / sigma0 if scale == "sigma" else 1.0))

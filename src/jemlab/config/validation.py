@@ -264,7 +264,7 @@ def _validate_egc_parameterisation(config: Config) -> None:
     e, output = config.egc, config.model.options.get("output", "logits")
     _one_of(output, "model.output", ("logits", "epsilon"), " (the EGC UNet's output head)")
     _one_of(
-        config.model.options.get("energy_scale", "none"), "model.energy_scale", ("none", "sigma"),
+        config.model.options.get("energy_scale") or "none", "model.energy_scale", ("none", "sigma"),
         " (how the energy's gradient becomes the noise estimate)",
     )
     if e.parameterisation == "epsilon":

@@ -131,7 +131,7 @@ def _langevin_settings(run: LoadedRun) -> tuple[float, float]:
     if run.config.objective.name == "egc":
         from jemlab.generate.egc import langevin_at_t0
 
-        return langevin_at_t0(run.config)
+        return langevin_at_t0(run.config, run.model)
     return run.config.sampler.step_size, run.config.sampler.noise
 
 

@@ -39,15 +39,16 @@ def schedule_from_config(config: Config) -> NoiseSchedule:
     return NoiseSchedule(config.egc.schedule, config.egc.timesteps)
 
 
-def langevin_at_t0(config: Config) -> tuple[float, float]:
+def langevin_at_t0(config: Config, model: Any) -> tuple[float, float]:
     """(step size α, noise σ) of Langevin dynamics on EGC's t = 0 density, for the SGLD-refinement defence.
 
     The t = 0 energy is trained at noise level σ_0 = √(1 − ᾱ_0) (0.01 for the linear schedule), where ∇ₓE is of
     order 1/σ_0; JEM's cold α = 1 would throw images far outside [−1, 1]. The textbook step α = σ_0²/2 with noise
-    σ_0 samples that density instead.
+    σ_0 samples that density instead. The step is returned for `model.energy(x)`, which is E(x, 0) itself or, with
+    ``model.energy_scale=sigma``, σ_0·E(x, 0) (`energy_to_t0_scale`).
     """
     sigma0 = float((1 - schedule_from_config(config).alpha_bar[0]).sqrt())
-    return sigma0**2 / 2, sigma0
+    return sigma0**2 / 2 * model.energy_to_t0_scale(sigma0), sigma0
 
 
 def check_guidance(model: Any, labels: torch.Tensor | None, guidance: float) -> None:
@@ -93,9 +94,9 @@ def guided_eps(
         if guidance > 0:
             m_free = model.logit_map(x_in, t) if conditional else m  # the classifier reads the label-free map
             log_py = F.log_softmax(model.pool_logits(m_free).float(), dim=1).gather(1, labels.view(-1, 1))
-            objective = objective - guidance * log_py.sum()
+            objective = objective - guidance * (model.guidance_weight(sigma) * log_py.reshape(-1)).sum()
         (grad,) = torch.autograd.grad(objective, x_in)
-    return (sigma * grad).detach()
+    return model.noise_from_gradient(grad, sigma).detach()
 
 
 def generate_egc(

@@ -187,9 +187,10 @@ class EGCUNet(nn.Module):
         label_conditioning: bool = True,
         patch: int = 1,
         output: str = "logits",
-        energy_scale: str = "none",
+        energy_scale: str | None = "none",
     ) -> None:
         super().__init__()
+        energy_scale = energy_scale or "none"  # `--set model.energy_scale=none` arrives as None
         if output not in OUTPUTS:
             raise ConfigError(f"egc_unet output must be {' or '.join(OUTPUTS)}, got '{output}'")
         if energy_scale not in ENERGY_SCALES:
@@ -394,6 +395,18 @@ class EGCUNet(nn.Module):
         """ε̂ from the input gradient of the network's energy: √(1 − ᾱ_t)·∇ₓE, or ∇ₓg itself with
         ``energy_scale="sigma"`` (see the class docstring). The training loss and the samplers both come here."""
         return grad if self.energy_scale == "sigma" else sigma * grad
+
+    def guidance_weight(self, sigma: torch.Tensor) -> torch.Tensor | float:
+        """Per-image factor on log p(y | x_t, t) in a guided objective whose input gradient `noise_from_gradient`
+        turns into ε̂ − s·√(1 − ᾱ_t)·∇ₓ log p(y | x_t, t) (classifier guidance in ε form) at either energy scale:
+        1 when ε̂ = σ·∇ₓE, σ itself (one value per image) when ε̂ = ∇ₓg."""
+        return sigma.reshape(-1) if self.energy_scale == "sigma" else 1.0
+
+    def energy_to_t0_scale(self, sigma0: float) -> float:
+        """How many times the true t = 0 energy E(x, 0) is larger than `energy(x)`: 1/σ_0 with
+        ``energy_scale="sigma"`` (energy(x) returns g, and E = g/σ_0), else 1. Langevin dynamics on E(x, 0) reads
+        it to size its step on `energy(x)`."""
+        return 1.0 / sigma0 if self.energy_scale == "sigma" else 1.0
 
     # --- the t = 0 reading used by evaluation (same interface as EnergyModel) ------------------------------------
 
