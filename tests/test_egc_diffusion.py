@@ -15,12 +15,17 @@ from jemlab.models import build_model
 
 
 def tiny_egc(
-    energy: str = "map", conditional: bool = True, pool: str = "mean", seed: int = 0, energy_scale: str = "none"
+    energy: str = "map",
+    conditional: bool = True,
+    pool: str = "mean",
+    seed: int = 0,
+    energy_scale: str = "none",
+    energy_base: str = "none",
 ) -> torch.nn.Module:
     """A small EGC network on 8×8 images with every weight random (the zero-initialised ones too)."""
     torch.manual_seed(seed)
     options = {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention": [2], "energy": energy}
-    options["energy_scale"] = energy_scale
+    options["energy_scale"], options["energy_base"] = energy_scale, energy_base
     model = build_model("egc_unet", (1, 8, 8), 3, options={**options, "pool": pool, "label_conditioning": conditional})
     with torch.no_grad():
         for p in model.parameters():
@@ -29,16 +34,18 @@ def tiny_egc(
 
 
 @pytest.mark.parametrize(
-    ("energy", "conditional", "pool", "scale"),
+    ("energy", "conditional", "pool", "scale", "base"),
     [
-        ("map", True, "mean", "none"),
-        ("pooled", False, "attention", "none"),
-        ("map", False, "mean", "none"),
-        ("map", True, "mean", "sigma"),
+        ("map", True, "mean", "none", "none"),
+        ("pooled", False, "attention", "none", "none"),
+        ("map", False, "mean", "none", "none"),
+        ("map", True, "mean", "sigma", "none"),
+        ("map", True, "mean", "sigma", "gaussian"),
+        ("map", False, "mean", "none", "gaussian"),
     ],
 )
-def test_eps_is_scaled_energy_gradient_by_finite_differences(energy, conditional, pool, scale):
-    model = tiny_egc(energy, conditional, pool, energy_scale=scale).double().eval()
+def test_eps_is_scaled_energy_gradient_by_finite_differences(energy, conditional, pool, scale, base):
+    model = tiny_egc(energy, conditional, pool, energy_scale=scale, energy_base=base).double().eval()
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     t = torch.tensor([3, 700])
     y = torch.tensor([1, 3]) if conditional else None  # 3 = the "no label" token
@@ -52,16 +59,18 @@ def test_eps_is_scaled_energy_gradient_by_finite_differences(energy, conditional
         n = index[0]
         # energy_scale="sigma": the network's energy is g with E = g / σ, so ε̂ = σ·∇E = ∇g
         factor = 1.0 if scale == "sigma" else sigma[n].item()
-        assert eps[index].item() == pytest.approx(factor * diff[n].item(), rel=1e-5, abs=1e-8)
+        # energy_base="gaussian": E gains ½‖x‖², whose gradient x enters ε̂ as σ·x
+        base_term = sigma[n].item() * x[index].item() if base == "gaussian" else 0.0
+        assert eps[index].item() == pytest.approx(factor * diff[n].item() + base_term, rel=1e-5, abs=1e-8)
 
 
-@pytest.mark.parametrize("scale", ["none", "sigma"])
-def test_training_loss_and_samplers_read_the_same_noise_estimate(scale):
-    """The EGC loss's ε̂ is exactly what `model.eps` (the samplers' call) returns, for either energy scale."""
+@pytest.mark.parametrize(("scale", "base"), [("none", "none"), ("sigma", "none"), ("sigma", "gaussian")])
+def test_training_loss_and_samplers_read_the_same_noise_estimate(scale, base):
+    """The EGC loss's ε̂ is exactly what `model.eps` (the samplers' call) returns, for each energy form."""
     from jemlab.objectives import EGCWeights, egc_loss
     from jemlab.objectives.egc import _noised
 
-    model = tiny_egc("map", energy_scale=scale).double()
+    model = tiny_egc("map", energy_scale=scale, energy_base=base).double()
     schedule = NoiseSchedule("linear", 100)
     x0, y = (torch.rand(4, 1, 8, 8) * 2 - 1).double(), torch.tensor([0, 1, 2, 0])
     weights = EGCWeights(gamma=0.0, gamma_clean=0.0)
@@ -174,11 +183,11 @@ def test_generation_with_a_fixed_generator_is_deterministic(sampler):
     assert protocol["sampler"] == sampler and protocol["steps"] == 4 and not protocol["conditional"]
 
 
-@pytest.mark.parametrize("scale", ["none", "sigma"])
-def test_guidance_adds_the_classifier_gradient(scale):
+@pytest.mark.parametrize(("scale", "base"), [("none", "none"), ("sigma", "none"), ("sigma", "gaussian")])
+def test_guidance_adds_the_classifier_gradient(scale, base):
     """ε̂ − s·σ·∇ₓ log p(y | x_t, t) at either energy scale (at "sigma" the energy gradient is not multiplied by σ
     but the classifier's is)."""
-    model = tiny_egc("map", conditional=False, energy_scale=scale).eval()
+    model = tiny_egc("map", conditional=False, energy_scale=scale, energy_base=base).eval()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([100, 500])
     sigma, y = torch.tensor([0.5, 0.8]).view(2, 1, 1, 1), torch.tensor([2, 0])
     plain = guided_eps(model, x, t, sigma, y, guidance=0.0)

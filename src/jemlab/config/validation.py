@@ -267,6 +267,10 @@ def _validate_egc_parameterisation(config: Config) -> None:
         config.model.options.get("energy_scale") or "none", "model.energy_scale", ("none", "sigma"),
         " (how the energy's gradient becomes the noise estimate)",
     )
+    _one_of(
+        config.model.options.get("energy_base") or "none", "model.energy_base", ("none", "gaussian"),
+        " (a standard-normal energy ½‖x_t‖² added to the network's)",
+    )
     if e.parameterisation == "epsilon":
         _check(
             output == "epsilon",

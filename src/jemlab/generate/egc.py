@@ -96,7 +96,7 @@ def guided_eps(
             log_py = F.log_softmax(model.pool_logits(m_free).float(), dim=1).gather(1, labels.view(-1, 1))
             objective = objective - guidance * (model.guidance_weight(sigma) * log_py.reshape(-1)).sum()
         (grad,) = torch.autograd.grad(objective, x_in)
-    return model.noise_from_gradient(grad, sigma).detach()
+    return model.noise_from_gradient(grad, sigma, x).detach()
 
 
 def generate_egc(

@@ -39,6 +39,7 @@ from jemlab.errors import ConfigError, JemlabError
 OUTPUTS = ("logits", "epsilon")
 #: How the energy's input gradient becomes ε̂: scaled by the noise level (as published) or read as ε̂ directly.
 ENERGY_SCALES = ("none", "sigma")
+ENERGY_BASES = ("none", "gaussian")
 
 
 class NoClassifierError(JemlabError):
@@ -170,6 +171,12 @@ class EGCUNet(nn.Module):
             large t. ``"sigma"``: the energy is the network's g divided by the noise level, E(x_t, t) = g(x_t, t) /
             √(1 − ᾱ_t), so ε̂ = ∇ₓg at one scale for every t; classification reads the same logit map, and at a
             fixed t (t = 0 for evaluation) the energy is g up to a constant factor, the same ordering.
+        energy_base: ``"gaussian"`` adds ½‖x_t‖² to the energy, the energy of the standard normal that x_t becomes
+            at t = T, so that the network models the density relative to it: ε̂ gains the term √(1 − ᾱ_t)·x_t,
+            which is already the exact noise at t = T (and the best linear guess for unit-variance data at every t),
+            and the network learns the rest. The term is the same for every class, so p(y | x_t, t) and the logit
+            map are unchanged; `energy_t` and `energy` return the network's part (the base is added to ε̂ only).
+            ``"none"`` (EGC as published): no base.
     """
 
     def __init__(
@@ -188,13 +195,17 @@ class EGCUNet(nn.Module):
         patch: int = 1,
         output: str = "logits",
         energy_scale: str | None = "none",
+        energy_base: str | None = "none",
     ) -> None:
         super().__init__()
         energy_scale = energy_scale or "none"  # `--set model.energy_scale=none` arrives as None
+        energy_base = energy_base or "none"
         if output not in OUTPUTS:
             raise ConfigError(f"egc_unet output must be {' or '.join(OUTPUTS)}, got '{output}'")
         if energy_scale not in ENERGY_SCALES:
             raise ConfigError(f"egc_unet energy_scale must be {' or '.join(ENERGY_SCALES)}, got '{energy_scale}'")
+        if energy_base not in ENERGY_BASES:
+            raise ConfigError(f"egc_unet energy_base must be {' or '.join(ENERGY_BASES)}, got '{energy_base}'")
         if energy not in ("map", "pooled"):
             raise ConfigError(f"egc_unet energy must be map or pooled, got '{energy}'")
         if pool not in ("mean", "attention"):
@@ -214,6 +225,7 @@ class EGCUNet(nn.Module):
         self.energy_form = energy
         self.output = output
         self.energy_scale = energy_scale
+        self.energy_base = energy_base
         # The control has no classifier: the evaluation reads this to skip (or refuse) the parts that need one.
         self.has_classifier = output == "logits"
         self.width = width
@@ -388,13 +400,15 @@ class EGCUNet(nn.Module):
             x_in = x.detach().requires_grad_(True)
             energy = self.energy_t(x_in, t, y)
             (grad,) = torch.autograd.grad(energy.sum(), x_in, create_graph=create_graph)
-        eps = self.noise_from_gradient(grad, sigma)
+        eps = self.noise_from_gradient(grad, sigma, x)
         return eps if create_graph else eps.detach()
 
-    def noise_from_gradient(self, grad: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """ε̂ from the input gradient of the network's energy: √(1 − ᾱ_t)·∇ₓE, or ∇ₓg itself with
-        ``energy_scale="sigma"`` (see the class docstring). The training loss and the samplers both come here."""
-        return grad if self.energy_scale == "sigma" else sigma * grad
+    def noise_from_gradient(self, grad: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """ε̂ at the noisy images `x` from the input gradient of the network's energy: √(1 − ᾱ_t)·∇ₓE, or ∇ₓg
+        itself with ``energy_scale="sigma"``, plus √(1 − ᾱ_t)·x with ``energy_base="gaussian"`` (see the class
+        docstring). The training loss and the samplers both come here."""
+        eps = grad if self.energy_scale == "sigma" else sigma * grad
+        return eps + sigma * x.to(eps.dtype) if self.energy_base == "gaussian" else eps
 
     def guidance_weight(self, sigma: torch.Tensor) -> torch.Tensor | float:
         """Per-image factor on log p(y | x_t, t) in a guided objective whose input gradient `noise_from_gradient`

@@ -92,7 +92,7 @@ def egc_loss(
         m_noisy = model.logit_map(x_in, t, y_eps)  # (B, C, H, W)
     energy = model.energy_from_map(m_noisy)  # (B,)
     (grad,) = torch.autograd.grad(energy.sum(), x_in, create_graph=True)
-    eps_hat = model.noise_from_gradient(grad.float(), schedule.sigma(t, x0))
+    eps_hat = model.noise_from_gradient(grad.float(), schedule.sigma(t, x0), x_t.float())
     mse = (eps_hat - noise).pow(2).mean()
 
     # Classification terms, read without a label (the label-free map). Without label conditioning the noisy map
