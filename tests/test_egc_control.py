@@ -53,6 +53,7 @@ def test_control_preset_is_egc_with_the_epsilon_head_and_no_classifier_terms():
         ("egc", [("model.output", "eps")], "model.output must be logits or epsilon"),
         ("egc", [("model.energy_scale", "noise")], "model.energy_scale must be none or sigma"),
         ("egc", [("model.energy_base", "normal")], "model.energy_base must be none or gaussian"),
+        ("egc", [("model.pool", "max")], "model.pool must be mean, attention or mean_log_softmax"),
         ("egc-control", [("egc.guidance", "2")], "classifier guidance (egc.guidance=2) needs a classifier"),
         ("egc-control", [("model.label_conditioning", "false")], "keep model.label_conditioning=true"),
     ],

@@ -210,3 +210,21 @@ def test_langevin_at_t0_steps_the_true_t0_energy(scale):
     sigma0 = noise
     assert sigma0 == pytest.approx(0.01, rel=1e-3)  # the linear schedule's √β_1
     assert step == pytest.approx(sigma0**2 / 2 * (1 / sigma0 if scale == "sigma" else 1.0))
+
+
+def test_log_softmax_pooling_ignores_the_level_that_the_map_energy_reads():
+    """pool=mean_log_softmax: a per-pixel shift of the whole map moves the energy but not one logit (with the
+    plain mean it moves the logits too); it is refused with the pooled energy, which would read its own logits."""
+    from jemlab.errors import ConfigError
+
+    split = tiny_egc("map", pool="mean_log_softmax").eval()
+    plain = tiny_egc("map", pool="mean").eval()
+    m = torch.randn(2, 3, 8, 8)
+    shift = torch.randn(2, 1, 8, 8)
+    assert torch.allclose(split.pool_logits(m + shift), split.pool_logits(m), atol=1e-5)
+    assert not torch.allclose(plain.pool_logits(m + shift), plain.pool_logits(m), atol=1e-2)
+    assert not torch.allclose(split.energy_from_map(m + shift), split.energy_from_map(m), atol=1e-2)
+    # the logits are an average of per-pixel log-probabilities
+    assert torch.allclose(split.pool_logits(m), torch.log_softmax(m, 1).mean(dim=(2, 3)), atol=1e-6)
+    with pytest.raises(ConfigError, match=r"pool=mean_log_softmax .* use energy=map"):
+        tiny_egc("pooled", pool="mean_log_softmax")

@@ -271,6 +271,11 @@ def _validate_egc_parameterisation(config: Config) -> None:
         config.model.options.get("energy_base") or "none", "model.energy_base", ("none", "gaussian"),
         " (a standard-normal energy ½‖x_t‖² added to the network's)",
     )
+    _one_of(config.model.options.get("energy") or "map", "model.energy", ("map", "pooled"), " (the EGC UNet's energy)")
+    _one_of(
+        config.model.options.get("pool") or "mean", "model.pool", ("mean", "attention", "mean_log_softmax"),
+        " (how the EGC UNet's logit map becomes class logits)",
+    )
     if e.parameterisation == "epsilon":
         _check(
             output == "epsilon",

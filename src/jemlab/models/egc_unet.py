@@ -7,8 +7,9 @@ readings of that map give the energy (``energy`` option):
 - ``"pooled"``: E(x_t, t) = −logsumexp_y f(x_t, t)[y] of the pooled class logits, the JEM energy of the
   classifier itself.
 
-Classification pools the map to C logits (``pool``: spatial mean, or the official attention pooling whose query
-is the mean token). The score of p_t is −∇ₓE, so the noise estimate is ε̂ = √(1 − ᾱ_t) ∇ₓE(x_t, t) (`eps`).
+Classification pools the map to C logits (``pool``: spatial mean, the official attention pooling whose query
+is the mean token, or the spatial mean of the per-pixel log-softmax, which leaves the map energy's per-pixel level
+to the denoiser). The score of p_t is −∇ₓE, so the noise estimate is ε̂ = √(1 − ᾱ_t) ∇ₓE(x_t, t) (`eps`).
 
 Optionally (``label_conditioning``) the class y enters through an embedding added to the time embedding, as the
 official code's conditional branch does; index C is the "no label" token, used for classification, for the
@@ -40,6 +41,7 @@ OUTPUTS = ("logits", "epsilon")
 #: How the energy's input gradient becomes ε̂: scaled by the noise level (as published) or read as ε̂ directly.
 ENERGY_SCALES = ("none", "sigma")
 ENERGY_BASES = ("none", "gaussian")
+POOLS = ("mean", "attention", "mean_log_softmax")
 
 
 class NoClassifierError(JemlabError):
@@ -158,7 +160,12 @@ class EGCUNet(nn.Module):
             block always has one when the list is non-empty.
         dropout: dropout inside the residual blocks.
         energy: ``"map"`` (official: −Σ_pixels logsumexp of the map) or ``"pooled"`` (−logsumexp of the logits).
-        pool: ``"mean"`` (spatial mean of the map) or ``"attention"`` (official attention pooling).
+        pool: ``"mean"`` (spatial mean of the map), ``"attention"`` (official attention pooling) or
+            ``"mean_log_softmax"`` (spatial mean of log_softmax over the classes at each pixel). A pixel's map
+            m = log_softmax(m) + logsumexp(m) splits into a class distribution and a level; the ``map`` energy reads
+            only the level, and this pooling only the distribution, so the cross-entropy has no direct pull on the
+            energy (with ``"mean"`` it raises m[y] and hence the level, and the energy's input gradient becomes
+            the classifier's). Needs ``energy="map"``.
         label_conditioning: let the energy depend on a class label (index C = no label).
         patch: fold patch×patch pixels into channels before the first convolution and unfold the logit map at
             the end (pixel unshuffle/shuffle), so the UNet runs at 1/patch of the resolution: about patch² times
@@ -208,8 +215,10 @@ class EGCUNet(nn.Module):
             raise ConfigError(f"egc_unet energy_base must be {' or '.join(ENERGY_BASES)}, got '{energy_base}'")
         if energy not in ("map", "pooled"):
             raise ConfigError(f"egc_unet energy must be map or pooled, got '{energy}'")
-        if pool not in ("mean", "attention"):
-            raise ConfigError(f"egc_unet pool must be mean or attention, got '{pool}'")
+        if pool not in POOLS:
+            raise ConfigError(f"egc_unet pool must be {', '.join(POOLS)}, got '{pool}'")
+        if pool == "mean_log_softmax" and energy != "map":
+            raise ConfigError("egc_unet pool=mean_log_softmax splits the map's level from its classes: use energy=map")
         channel_mult = [int(m) for m in channel_mult]
         if not channel_mult or min(channel_mult) < 1 or width < 4 or num_res_blocks < 1:
             raise ConfigError("egc_unet needs width >= 4, num_res_blocks >= 1 and channel multipliers >= 1")
@@ -279,6 +288,7 @@ class EGCUNet(nn.Module):
             nn.PixelShuffle(patch),  # (N, K·p², H/p, W/p) → (N, K, H, W)
         )
         self.pool = AttentionPool(num_classes, num_classes) if pool == "attention" and self.has_classifier else None
+        self.pool_log_softmax = pool == "mean_log_softmax"
 
     # --- the network -------------------------------------------------------------------------------------------
 
@@ -351,7 +361,11 @@ class EGCUNet(nn.Module):
     def pool_logits(self, m: torch.Tensor) -> torch.Tensor:
         """Class logits (N, C) from a logit map (N, C, H, W)."""
         self._require_classifier("class logits")
-        return m.mean(dim=(2, 3)) if self.pool is None else self.pool(m)
+        if self.pool is not None:
+            return self.pool(m)
+        if self.pool_log_softmax:
+            return F.log_softmax(_at_least_fp32(m), dim=1).mean(dim=(2, 3))
+        return m.mean(dim=(2, 3))
 
     def energy_from_map(self, m: torch.Tensor) -> torch.Tensor:
         """E (N,) from a logit map: −Σ_pixels logsumexp (``map``) or −logsumexp of the pooled logits."""
