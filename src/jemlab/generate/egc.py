@@ -45,7 +45,8 @@ def langevin_at_t0(config: Config, model: Any) -> tuple[float, float]:
     The t = 0 energy is trained at noise level σ_0 = √(1 − ᾱ_0) (0.01 for the linear schedule), where ∇ₓE is of
     order 1/σ_0; JEM's cold α = 1 would throw images far outside [−1, 1]. The textbook step α = σ_0²/2 with noise
     σ_0 samples that density instead. The step is returned for `model.energy(x)`, which is E(x, 0) itself or, with
-    ``model.energy_scale=sigma``, σ_0·E(x, 0) (`energy_to_t0_scale`).
+    ``model.energy_scale=sigma``, σ_0·E(x, 0) (`energy_to_t0_scale`). With ``model.energy_base=gaussian`` the
+    base's own drift, α·x ≈ 5·10⁻⁵·x per step, is left out (`energy(x)` is the network's part only).
     """
     sigma0 = float((1 - schedule_from_config(config).alpha_bar[0]).sqrt())
     return sigma0**2 / 2 * model.energy_to_t0_scale(sigma0), sigma0

@@ -40,7 +40,9 @@ from jemlab.errors import ConfigError, JemlabError
 OUTPUTS = ("logits", "epsilon")
 #: How the energy's input gradient becomes ε̂: scaled by the noise level (as published) or read as ε̂ directly.
 ENERGY_SCALES = ("none", "sigma")
+#: An energy added to the network's: none (as published) or the standard normal's ½‖x_t‖².
 ENERGY_BASES = ("none", "gaussian")
+#: How the logit map becomes class logits.
 POOLS = ("mean", "attention", "mean_log_softmax")
 
 
