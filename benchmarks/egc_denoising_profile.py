@@ -29,8 +29,8 @@ def profile(checkpoint: str, timesteps: list[int], n: int, seed: int) -> dict[st
     run = load_run(checkpoint, device="cpu")
     model, schedule = run.model, schedule_from_config(run.config)
     test = load_dataset(run.config.data.dataset, run.config.data.data_dir).test
-    x0 = test.images[:n].float().div(127.5).sub(1)
-    readings = {"free": None, "label": test.labels[:n]} if model.label_embed is not None else {"free": None}
+    x0, y = test.batch(slice(0, n))
+    readings = {"free": None, "label": y} if model.label_embed is not None else {"free": None}
     result: dict[str, dict[str, float]] = {}
     for name, labels in readings.items():
         generator = torch.Generator().manual_seed(seed)
