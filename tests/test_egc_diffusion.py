@@ -199,6 +199,43 @@ def test_guidance_adds_the_classifier_gradient(scale, base):
     assert torch.allclose(guided, plain - 2.0 * sigma * grad_log_py, atol=1e-5)
 
 
+@pytest.mark.parametrize(("scale", "base"), [("none", "none"), ("sigma", "gaussian")])
+def test_label_guidance_extrapolates_from_the_label_free_energy(scale, base):
+    """Classifier-free weight w: ε̂ = ε̂_free + w·(ε̂_y − ε̂_free), with classifier guidance added on top unchanged."""
+    model = tiny_egc("map", conditional=True, pool="mean_log_softmax", energy_scale=scale, energy_base=base).eval()
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([20, 300, 900])
+    sigma, y = torch.tensor([0.1, 0.6, 0.9]).view(3, 1, 1, 1), torch.tensor([2, 0, 1])
+    free, conditional = model.eps(x, t, sigma), model.eps(x, t, sigma, y)
+    assert torch.allclose(guided_eps(model, x, t, sigma, y), conditional, atol=1e-6)  # w = 1: the conditional
+    assert torch.allclose(guided_eps(model, x, t, sigma, y, label_guidance=0.0), free, atol=1e-6)
+    w3 = guided_eps(model, x, t, sigma, y, label_guidance=3.0)
+    assert torch.allclose(w3, free + 3.0 * (conditional - free), atol=1e-5)
+    classifier_only = guided_eps(model, x, t, sigma, y, guidance=2.0) - conditional
+    assert classifier_only.abs().max() > 1e-4
+    both = guided_eps(model, x, t, sigma, y, guidance=2.0, label_guidance=3.0)
+    assert torch.allclose(both, w3 + classifier_only, atol=1e-5)
+
+
+def test_label_guidance_of_the_control_and_of_an_unconditioned_network():
+    from jemlab.errors import JemlabError
+
+    torch.manual_seed(0)
+    options = {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention": [2], "output": "epsilon"}
+    control = build_model("egc_unet", (1, 8, 8), 3, options=options).eval()
+    with torch.no_grad():
+        for p in control.parameters():
+            p.normal_(0, 0.2)
+    x, t, sigma, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 700]), torch.ones(2, 1, 1, 1), torch.tensor([1, 2])
+    free, conditional = control.eps(x, t, sigma), control.eps(x, t, sigma, y)
+    assert not torch.allclose(free, conditional)
+    w = guided_eps(control, x, t, sigma, y, label_guidance=2.5)
+    assert torch.allclose(w, free + 2.5 * (conditional - free), atol=1e-5)
+    unconditioned = tiny_egc("map", conditional=False)
+    with pytest.raises(JemlabError, match=r"needs a label-conditioned network.*--label-guidance 1"):
+        guided_eps(unconditioned, x, t, sigma, y, label_guidance=2.0)
+    assert torch.allclose(guided_eps(unconditioned, x, t, sigma, y), unconditioned.eps(x, t, sigma), atol=1e-6)
+
+
 @pytest.mark.parametrize("scale", ["none", "sigma"])
 def test_langevin_at_t0_steps_the_true_t0_energy(scale):
     """The refinement defence's step on `model.energy(x)` is α = σ_0²/2 on E(x, 0) = energy(x)·(1 or 1/σ_0)."""
@@ -228,3 +265,49 @@ def test_log_softmax_pooling_ignores_the_level_that_the_map_energy_reads():
     assert torch.allclose(split.pool_logits(m), torch.log_softmax(m, 1).mean(dim=(2, 3)), atol=1e-6)
     with pytest.raises(ConfigError, match=r"pool=mean_log_softmax .* use energy=map"):
         tiny_egc("pooled", pool="mean_log_softmax")
+
+
+def test_min_snr_weight_is_one_for_noisy_images_and_gamma_over_snr_for_clean_ones():
+    schedule = NoiseSchedule("linear", 1000)
+    t = torch.arange(1000)
+    weight = schedule.min_snr_weight(t, 5.0, torch.zeros(1000)).reshape(-1).double()
+    snr = schedule.alpha_bar / (1 - schedule.alpha_bar)
+    noisy = snr <= 5
+    assert noisy.any() and (~noisy).any()
+    assert torch.equal(weight[noisy], torch.ones(int(noisy.sum()), dtype=torch.float64))
+    assert torch.allclose(weight[~noisy], 5 / snr[~noisy], rtol=1e-6)
+    assert weight[0] < 1e-3  # t = 0: SNR ≈ 10^4 on the linear schedule
+
+
+@pytest.mark.parametrize("parameterisation", ["energy", "epsilon"])
+def test_min_snr_weights_the_denoising_term_and_leaves_the_logged_mse_alone(parameterisation):
+    """EGC and the control weight each image's ε error by min(SNR_t, γ)/SNR_t; the logged `mse` stays unweighted,
+    and a γ above every SNR of the schedule is the uniform loss."""
+    from jemlab.objectives import EGCWeights, egc_loss, epsilon_loss
+    from jemlab.objectives.egc import _noised
+
+    if parameterisation == "energy":
+        model, loss_fn = tiny_egc("map").double(), egc_loss
+    else:
+        torch.manual_seed(0)
+        options = {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention": [2], "output": "epsilon"}
+        model, loss_fn = build_model("egc_unet", (1, 8, 8), 3, options=options).double(), epsilon_loss
+    schedule = NoiseSchedule("linear", 1000)
+    x0, y = (torch.rand(16, 1, 8, 8) * 2 - 1).double(), torch.arange(16) % 3
+
+    def run(min_snr: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        weights = EGCWeights(gamma=0.0, gamma_clean=0.0, min_snr=min_snr)
+        return loss_fn(model, schedule, x0, y, weights, torch.Generator().manual_seed(3))
+
+    uniform, stats_uniform = run(0.0)
+    weighted, stats_weighted = run(5.0)
+    t, noise, x_t, y_eps = _noised(model, schedule, x0, y, 0.1, torch.Generator().manual_seed(3))
+    errors = (model.eps(x_t, t, schedule.sigma(t, x0), y_eps) - noise).pow(2).mean(dim=(1, 2, 3))
+    weight = schedule.min_snr_weight(t, 5.0, errors)
+    assert (weight < 1).any() and (weight == 1).any()  # the draw holds both kinds of timestep
+    expected = (errors * weight).mean()
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-9)
+    assert weighted.item() < uniform.item()
+    assert stats_weighted["mse"].item() == pytest.approx(stats_uniform["mse"].item(), rel=1e-12)
+    above_every_snr = float((schedule.alpha_bar / (1 - schedule.alpha_bar)).max()) * 2
+    assert run(above_every_snr)[0].item() == pytest.approx(uniform.item(), rel=1e-12)

@@ -45,6 +45,8 @@ def test_egc_config_is_validated():
         build_config("default", [("objective.name", "egc"), ("objective.px", 0)])
     with pytest.raises(ConfigError, match="draws no SGLD negatives"):
         build_config("egc", [("objective.px", 1.0)])
+    with pytest.raises(ConfigError, match=re.escape("egc.min_snr must be >= 0")):
+        build_config("egc", [("egc.min_snr", -1)])
     with pytest.raises(ConfigError, match=re.escape("egc.sample_steps must be in")):
         build_config("egc", [("egc.sample_steps", 2000)])
     with pytest.raises(ConfigError, match="has no option"):
@@ -90,9 +92,10 @@ def test_cli_train_sample_eval_round_trip(tmp_path, tiny_idx_dir, monkeypatch, c
 
     out = tmp_path / "s.npz"
     args = ["sample", "--checkpoint", str(run), "--num", "2", "--per-class", "--out", str(out), "--steps", "4"]
-    assert main([*args, "--guidance", "2", "--sampler", "ddpm"]) == 0
+    assert main([*args, "--guidance", "2", "--sampler", "ddpm", "--label-guidance", "3"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["sampler"] == "ddpm" and report["steps"] == 4 and report["guidance"] == 2.0
+    assert report["label_guidance"] == 3.0
     assert 0 <= report["self_agreement"] <= 1
     with np.load(out) as data:
         assert data["images"].shape == (20, 1, 28, 28) and data["images"].min() >= 0 and data["images"].max() <= 1
@@ -120,12 +123,26 @@ def test_cli_train_sample_eval_round_trip(tmp_path, tiny_idx_dir, monkeypatch, c
     sizes = ["--n-test", "60", "--n-val", "30", "--n-ood", "20", "--n-samples", "10", "--sample-steps", "2"]
     sizes += ["--pgd-n", "4", "--pgd-steps", "1", "--eps-linf", "0,8/255", "--eps-l2", "0,0.5"]
     parts = ["--parts", "classification,calibration,ood,robustness,samples", "--no-train-feature-net"]
-    assert main([*args, *parts, *sizes, "--ood-datasets", "none", "--guidance", "3"]) == 0
+    assert main([*args, *parts, *sizes, "--ood-datasets", "none", "--guidance", "3", "--label-guidance", "2"]) == 0
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert metrics["test_accuracy"] == summary["test_accuracy"]
     # EGC runs get smaller attack defaults (EGC_EVAL_DEFAULTS); a flag the user gave still wins
     assert (metrics["setup"]["options"]["pgd_n"], metrics["setup"]["options"]["defence_n"]) == (4, 25)
     protocol = metrics["samples"]["protocol"]
     assert (protocol["sgld_steps"], protocol["chains_from"], protocol["sampler"]) == (2, "noise", "ddim")
-    assert protocol["guidance_conditional"] == 3.0
+    assert (protocol["guidance_conditional"], protocol["label_guidance_conditional"]) == (3.0, 2.0)
     assert "energy" in metrics["ood"] and "uniform" in metrics["ood"]["energy"]
+
+
+def test_egc_sampling_flags_are_refused_for_jem_runs_and_validated_for_egc_runs():
+    import argparse
+
+    from jemlab.cli.arguments import apply_egc_flags
+
+    with pytest.raises(ConfigError, match=re.escape("--label-guidance applies to EGC runs only")):
+        apply_egc_flags(argparse.Namespace(label_guidance=2.0), build_config("default"))
+    config = build_config("egc")
+    apply_egc_flags(argparse.Namespace(label_guidance=2.5, guidance=None, sampler=None), config)
+    assert (config.egc.label_guidance, config.egc.guidance) == (2.5, 1.0)
+    with pytest.raises(ConfigError, match=re.escape("egc.label_guidance must be >= 0")):
+        build_config("egc", [("egc.label_guidance", -1)])

@@ -184,12 +184,14 @@ class EGCConfig:
     gamma_clean: float = 0.005  # weight of CE(f(x_0, 0), y) on clean images
     label_smoothing: float = 0.2  # of both CE terms
     label_dropout: float = 0.1  # fraction of labels replaced by "no label" in the denoising term
+    min_snr: float = 0.0  # Min-SNR-γ weighting of the denoising term, min(SNR_t, γ)/SNR_t (Hang et al.); 0: uniform
     ema: float = 0.9999  # decay of the EMA weights used for evaluation and sampling
     ema_warmup: bool = True  # decay min(ema, (1 + n)/(10 + n)) after n updates, so short runs get a useful EMA
     sampler: str = "ddim"  # ddim (deterministic for eta=0) or ddpm (ancestral)
     sample_steps: int = 100  # sampler steps (a subsequence of the T timesteps)
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic, 1 = DDPM-like)
     guidance: float = 1.0  # scale of the model's own classifier gradient for class-conditional samples
+    label_guidance: float = 1.0  # classifier-free weight w of a label-conditioned network (1: its conditional alone)
     clip_x0: bool = True  # clip the predicted clean image to [−1, 1] at each sampler step
     precision: str = "auto"  # auto (as train.precision), fp32 or bf16: autocast of the training forward passes
 

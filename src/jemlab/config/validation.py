@@ -232,6 +232,7 @@ def _validate_egc(e: EGCConfig) -> None:
         _check(getattr(e, name) >= 0, f"egc.{name} must be >= 0, got {getattr(e, name)}")
     _check(0 <= e.label_smoothing < 1, f"egc.label_smoothing must be in [0, 1), got {e.label_smoothing}")
     _check(0 <= e.label_dropout <= 1, f"egc.label_dropout must be in [0, 1], got {e.label_dropout}")
+    _check(e.min_snr >= 0, f"egc.min_snr must be >= 0 (0: uniform weighting; Hang et al. use 5), got {e.min_snr}")
     _check(0 <= e.ema < 1, f"egc.ema must be in [0, 1), got {e.ema}")
     _one_of(e.sampler, "egc.sampler", ("ddim", "ddpm"))
     _check(
@@ -240,6 +241,10 @@ def _validate_egc(e: EGCConfig) -> None:
     )
     _check(0 <= e.eta <= 1, f"egc.eta must be in [0, 1], got {e.eta}")
     _check(e.guidance >= 0, f"egc.guidance must be >= 0, got {e.guidance}")
+    _check(
+        e.label_guidance >= 0,
+        f"egc.label_guidance must be >= 0 (1: the label-conditioned energy alone), got {e.label_guidance}",
+    )
     _one_of(e.precision, "egc.precision", ("auto", "fp32", "bf16"))
 
 
@@ -264,16 +269,22 @@ def _validate_egc_parameterisation(config: Config) -> None:
     e, output = config.egc, config.model.options.get("output", "logits")
     _one_of(output, "model.output", ("logits", "epsilon"), " (the EGC UNet's output head)")
     _one_of(
-        config.model.options.get("energy_scale") or "none", "model.energy_scale", ("none", "sigma"),
+        config.model.options.get("energy_scale") or "none",
+        "model.energy_scale",
+        ("none", "sigma"),
         " (how the energy's gradient becomes the noise estimate)",
     )
     _one_of(
-        config.model.options.get("energy_base") or "none", "model.energy_base", ("none", "gaussian"),
+        config.model.options.get("energy_base") or "none",
+        "model.energy_base",
+        ("none", "gaussian"),
         " (a standard-normal energy ½‖x_t‖² added to the network's)",
     )
     _one_of(config.model.options.get("energy") or "map", "model.energy", ("map", "pooled"), " (the EGC UNet's energy)")
     _one_of(
-        config.model.options.get("pool") or "mean", "model.pool", ("mean", "attention", "mean_log_softmax"),
+        config.model.options.get("pool") or "mean",
+        "model.pool",
+        ("mean", "attention", "mean_log_softmax"),
         " (how the EGC UNet's logit map becomes class logits)",
     )
     if e.parameterisation == "epsilon":

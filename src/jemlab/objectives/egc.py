@@ -2,7 +2,7 @@
 
     x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε,   t ~ U{0, …, T−1},  ε ~ N(0, I)
     ε̂   = √(1 − ᾱ_t) ∇ₓE(x_t, t[, ỹ])         ỹ = y, or "no label" for a fraction of the batch
-    L   = ‖ε̂ − ε‖² (mean over pixels)
+    L   = w_t ‖ε̂ − ε‖² (mean over pixels; w_t = 1, or Min-SNR-γ: min(SNR_t, γ)/SNR_t)
         + γ       · mean_i √ᾱ_{t_i} · CE_ls(f(x_t, t), y)      classification of noisy images
         + γ_clean · mean_i            CE_ls(f(x_0, 0), y)      classification of clean images
 
@@ -12,8 +12,8 @@ receives its random draws' generator and never samples negatives of its own.
 
 `epsilon_loss` is the control of the comparison (``egc.parameterisation=epsilon``): a plain ε-prediction diffusion
 model (Ho et al., 2020) on the same UNet, whose output head emits ε̂(x_t, t[, ỹ]) directly, with the same draws of
-t, ε and dropped labels and the same denoising term, and nothing else: no energy, no input gradient (so no double
-back-propagation) and no CE terms, since a plain diffusion model has no classifier.
+t, ε and dropped labels and the same denoising term (Min-SNR weighting included), and nothing else: no energy, no
+input gradient (so no double back-propagation) and no CE terms, since a plain diffusion model has no classifier.
 """
 
 from __future__ import annotations
@@ -34,6 +34,19 @@ class EGCWeights:
     gamma_clean: float = 0.005
     label_smoothing: float = 0.2
     label_dropout: float = 0.1
+    min_snr: float = 0.0  # γ of the Min-SNR weighting of the denoising term (Hang et al., 2023); 0: uniform
+
+
+def _denoising_error(
+    eps_hat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, min_snr: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(term, mse): the denoising term, the batch mean of w_t · (pixel mean of (ε̂ − ε)²) with w_t = 1 when `min_snr`
+    is 0, and the unweighted ε-MSE (detached; the number the logs and docs compare across runs)."""
+    error = (eps_hat - noise).pow(2)
+    mse = error.detach().mean()
+    if min_snr > 0:
+        error = error * schedule.min_snr_weight(t, min_snr, error)
+    return error.mean(), mse
 
 
 def _noised(
@@ -93,7 +106,7 @@ def egc_loss(
     energy = model.energy_from_map(m_noisy)  # (B,)
     (grad,) = torch.autograd.grad(energy.sum(), x_in, create_graph=True)
     eps_hat = model.noise_from_gradient(grad.float(), schedule.sigma(t, x0), x_t.float())
-    mse = (eps_hat - noise).pow(2).mean()
+    denoising, mse = _denoising_error(eps_hat, noise, t, schedule, weights.min_snr)
 
     # Classification terms, read without a label (the label-free map). Without label conditioning the noisy map
     # above already is that map, so only the clean images need a forward pass of their own.
@@ -108,10 +121,10 @@ def egc_loss(
     ce_noisy = (ce_noisy_each * schedule.signal(t, ce_noisy_each)).mean()
     ce_clean = F.cross_entropy(logits_clean.float(), y, label_smoothing=weights.label_smoothing)
 
-    loss = mse + weights.gamma * ce_noisy + weights.gamma_clean * ce_clean
+    loss = denoising + weights.gamma * ce_noisy + weights.gamma_clean * ce_clean
     stats = {
         "loss": loss.detach(),
-        "mse": mse.detach(),
+        "mse": mse,
         "ce": ce_clean.detach(),
         "ce_noisy": ce_noisy.detach(),
         "train_accuracy": (logits_clean.argmax(1) == y).float().mean().detach(),
@@ -150,5 +163,5 @@ def epsilon_loss(
     t, noise, x_t, y_eps = _noised(model, schedule, x0, y, weights.label_dropout, generator)
     with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         eps_hat = model.predict_eps(x_t, t, y_eps)  # (B, C, H, W)
-    mse = (eps_hat.float() - noise).pow(2).mean()
-    return mse, {"loss": mse.detach(), "mse": mse.detach()}
+    loss, mse = _denoising_error(eps_hat.float(), noise, t, schedule, weights.min_snr)
+    return loss, {"loss": loss.detach(), "mse": mse}

@@ -39,7 +39,11 @@ class EGCTraining:
         e = config.egc
         self.schedule = schedule_from_config(config)
         self.weights = EGCWeights(
-            gamma=e.gamma, gamma_clean=e.gamma_clean, label_smoothing=e.label_smoothing, label_dropout=e.label_dropout
+            gamma=e.gamma,
+            gamma_clean=e.gamma_clean,
+            label_smoothing=e.label_smoothing,
+            label_dropout=e.label_dropout,
+            min_snr=e.min_snr,
         )
         # EGC's loss, or the control's (egc.parameterisation=epsilon: ε̂ from the output head, no CE terms).
         self.loss_fn = epsilon_loss if e.parameterisation == "epsilon" else egc_loss
