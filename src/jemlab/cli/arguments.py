@@ -51,11 +51,13 @@ def apply_egc_flags(args: argparse.Namespace, config: Any) -> None:
     """Apply the EGC-only flags of `sample` and `eval` to the loaded run's config (an error for JEM runs)."""
     from jemlab.config import set_value, validate_config
 
-    given = {name: value for name in ("sampler", "guidance") if (value := getattr(args, name, None)) is not None}
+    names = ("sampler", "guidance", "label_guidance")
+    given = {name: value for name in names if (value := getattr(args, name, None)) is not None}
     if not given:
         return
     if config.objective.name != "egc":
-        raise ConfigError(f"--{next(iter(given))} applies to EGC runs only; this run's objective is jem")
+        flag = next(iter(given)).replace("_", "-")
+        raise ConfigError(f"--{flag} applies to EGC runs only; this run's objective is jem")
     for name, value in given.items():
         set_value(config, f"egc.{name}", value)
     validate_config(config)

@@ -23,7 +23,7 @@ _SUITE_FLAGS = (
     "n_test", "n_val", "n_ood", "batch_size", "pgd_n", "pgd_steps", "pgd_restarts", "pgd_loss", "pgd_norms", "eps_linf",
     "eps_l2", "defence_steps", "defence_n", "defence_chains", "defence_eot", "n_samples", "sample_steps",
     "sample_init", "kid_subsets", "kid_subset_size", "bins", "temperature_scaling", "ood_datasets", "cache_dir",
-    "no_train_feature_net", "feature_net_minutes", "seed", "report", "guidance",
+    "no_train_feature_net", "feature_net_minutes", "seed", "report", "guidance", "label_guidance",
 )  # fmt: skip
 
 
@@ -134,6 +134,12 @@ def _add_sizes(p: argparse.ArgumentParser) -> None:
         "--guidance",
         type=nonneg_float,
         help="EGC runs: classifier-guidance scale of the per-class samples (default: the run's egc.guidance)",
+    )
+    g.add_argument(
+        "--label-guidance",
+        type=nonneg_float,
+        help="EGC runs: classifier-free guidance weight of the per-class samples (default: the run's "
+        "egc.label_guidance; 1 = off)",
     )
     g.add_argument("--kid-subsets", type=positive_int, help=f"KID subsets (default: {D['kid_subsets']})")
     g.add_argument("--kid-subset-size", type=positive_int, help=f"KID subset size (default: {D['kid_subset_size']})")

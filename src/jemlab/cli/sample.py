@@ -46,6 +46,12 @@ def add_parser(sub: Any) -> None:
         type=nonneg_float,
         help="classifier-guidance scale of --per-class samples (default: the run's egc.guidance)",
     )
+    g.add_argument(
+        "--label-guidance",
+        type=nonneg_float,
+        help="classifier-free guidance weight of --per-class samples, label-conditioned runs "
+        "(default: the run's egc.label_guidance; 1 = off)",
+    )
     p.set_defaults(func=run)
 
 

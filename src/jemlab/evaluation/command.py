@@ -220,7 +220,7 @@ def partner_ood_sets(
 # ---------------------------------------------------------------- the whole evaluation
 
 #: What an EGC run's sample protocol adds to the samples part's (absent for JEM runs).
-_EGC_PROTOCOL_KEYS = ("parameterisation", "sampler", "eta", "guidance", "schedule", "weights")
+_EGC_PROTOCOL_KEYS = ("parameterisation", "sampler", "eta", "guidance", "label_guidance", "schedule", "weights")
 
 
 def _protocol_entries(
@@ -276,6 +276,7 @@ def _protocol_entries(
         conditional = next((p for p in sample_protocols if p.get("conditional")), None)
         if conditional is not None and "guidance" in conditional:
             metrics["samples"]["protocol"]["guidance_conditional"] = conditional["guidance"]
+            metrics["samples"]["protocol"]["label_guidance_conditional"] = conditional["label_guidance"]
 
 
 def evaluate_run(

@@ -6,11 +6,18 @@ Dhariwal & Nichol, 2021, with EGC's own classifier, Guo et al., 2023):
     ε̂(x_t, t | y) = √(1 − ᾱ_t) · (∇ₓE(x_t, t[, y]) − s · ∇ₓ log p(y | x_t, t))
 
 with p(y | x_t, t) = softmax(f(x_t, t)) and guidance scale s; when the network is label-conditioned the energy
-itself is the conditional one, E(x_t, t, y). Both gradients come from one backward pass of their sum.
+itself is the conditional one, E(x_t, t, y), and classifier-free guidance (Ho & Salimans, 2022) with weight w
+(``egc.label_guidance``) replaces it by
+
+    E_w(x_t, t, y) = E(x_t, t) + w · (E(x_t, t, y) − E(x_t, t))
+
+(w = 1: the conditional energy itself; w > 1 moves further from the label-free energy). All gradients come from
+one backward pass of their sum.
 
 The control of the comparison (``egc.parameterisation=epsilon``, a plain ε-prediction diffusion model of the same
 UNet) goes through the same DDIM/DDPM loop with ε̂(x_t, t[, y]) read off its output head; its class-conditional
-samples come from its label conditioning alone. It has no classifier, so classifier guidance is an error for it.
+samples come from its label conditioning, with the same classifier-free weight w on its two ε̂. It has no
+classifier, so classifier guidance is an error for it.
 
 This is the run-level glue (config, weights, devices, random sources); the maths it drives (schedule, DDIM/DDPM
 loop) is `jemlab.diffusion`, which knows no run.
@@ -52,12 +59,18 @@ def langevin_at_t0(config: Config, model: Any) -> tuple[float, float]:
     return sigma0**2 / 2 * model.energy_to_t0_scale(sigma0), sigma0
 
 
-def check_guidance(model: Any, labels: torch.Tensor | None, guidance: float) -> None:
-    """Refuse classifier guidance for a model without a classifier (the ε-prediction control), in one line."""
+def check_guidance(model: Any, labels: torch.Tensor | None, guidance: float, label_guidance: float = 1.0) -> None:
+    """Refuse, in one line, classifier guidance for a model without a classifier (the ε-prediction control) and a
+    classifier-free weight other than 1 for a network without label conditioning."""
     if labels is not None and guidance > 0 and not getattr(model, "has_classifier", True):
         raise JemlabError(
             f"classifier guidance (scale {guidance:g}) needs the model's own classifier, and this run is the plain "
             f"ε-prediction control (egc.parameterisation=epsilon), which has none: sample it with --guidance 0"
+        )
+    if labels is not None and label_guidance != 1 and getattr(model, "label_embed", None) is None:
+        raise JemlabError(
+            f"classifier-free guidance (weight {label_guidance:g}) needs a label-conditioned network, and this run "
+            f"was trained without label conditioning: sample it with --label-guidance 1 and use --guidance"
         )
 
 
@@ -68,8 +81,9 @@ def guided_eps(
     sigma: torch.Tensor,
     labels: torch.Tensor | None = None,
     guidance: float = 0.0,
+    label_guidance: float = 1.0,
 ) -> torch.Tensor:
-    """ε̂ for unconditional (labels None) or class-conditional sampling with classifier guidance.
+    """ε̂ for unconditional (labels None) or class-conditional sampling with classifier and classifier-free guidance.
 
     Args:
         model: an EGC network (`logit_map`, `energy_from_map`, `pool_logits`, `label_embed`).
@@ -78,22 +92,27 @@ def guided_eps(
         sigma: √(1 − ᾱ_t) broadcastable to x.
         labels: (N,) classes, or None.
         guidance: scale s of ∇ₓ log p(y | x_t, t).
+        label_guidance: classifier-free weight w of a label-conditioned network (1: its conditional energy alone).
 
     Returns:
         ε̂, detached, shaped like x.
     """
     if labels is None:
         return model.eps(x, t, sigma)
+    check_guidance(model, labels, guidance, label_guidance)
     conditional = getattr(model, "label_embed", None) is not None
-    if not getattr(model, "has_classifier", True):  # the control: its label-conditioned ε̂, no guidance
-        check_guidance(model, labels, guidance)
-        return model.eps(x, t, sigma, labels if conditional else None)
+    if not getattr(model, "has_classifier", True):  # the control: its label-conditioned ε̂, no classifier
+        eps = model.eps(x, t, sigma, labels if conditional else None)
+        return eps if label_guidance == 1 else torch.lerp(model.eps(x, t, sigma), eps, label_guidance)
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         m = model.logit_map(x_in, t, labels if conditional else None)
         objective = model.energy_from_map(m).sum()
+        # the label-free map: what the classifier reads, and the other end of classifier-free guidance
+        m_free = model.logit_map(x_in, t) if conditional and (guidance > 0 or label_guidance != 1) else m
+        if conditional and label_guidance != 1:
+            objective = torch.lerp(model.energy_from_map(m_free).sum(), objective, label_guidance)
         if guidance > 0:
-            m_free = model.logit_map(x_in, t) if conditional else m  # the classifier reads the label-free map
             log_py = F.log_softmax(model.pool_logits(m_free).float(), dim=1).gather(1, labels.view(-1, 1))
             objective = objective - guidance * (model.guidance_weight(sigma) * log_py.reshape(-1)).sum()
         (grad,) = torch.autograd.grad(objective, x_in)
@@ -131,7 +150,7 @@ def generate_egc(
         raise JemlabError(f"got {len(labels)} labels for {n} samples")
     model = getattr(source, "eval_model", None)  # a Trainer's EMA weights; a loaded run's model already holds them
     model = source.model if model is None else model
-    check_guidance(model, labels, cfg.guidance)
+    check_guidance(model, labels, cfg.guidance, cfg.label_guidance)
     schedule = schedule_from_config(source.config)
     steps = cfg.sample_steps if steps is None else steps
     eta = sampler_eta(cfg.sampler, cfg.eta)
@@ -146,7 +165,7 @@ def generate_egc(
             chunk_labels = None if labels is None else labels[i : i + batch_size].to(source.device)
 
             def eps_fn(x: torch.Tensor, t: torch.Tensor, chunk_labels=chunk_labels) -> torch.Tensor:
-                return guided_eps(model, x, t, schedule.sigma(t, x), chunk_labels, cfg.guidance)
+                return guided_eps(model, x, t, schedule.sigma(t, x), chunk_labels, cfg.guidance, cfg.label_guidance)
 
             x_T = rows.randn(shape)  # (b, C, H, W), then each sample's step noise from the same generator
             x = sample(eps_fn, schedule, x_T, steps=steps, eta=eta, clip_x0=cfg.clip_x0, randn_like=rows.randn_like)
@@ -161,6 +180,7 @@ def generate_egc(
         "step_size": None,
         "noise": None,
         "guidance": cfg.guidance if labels is not None else 0.0,
+        "label_guidance": cfg.label_guidance if labels is not None else 1.0,
         "schedule": f"{cfg.schedule}, T={cfg.timesteps}",
         "weights": "ema",
         "conditional": labels is not None,
@@ -188,13 +208,13 @@ def denoise_segment(
     there.
     """
     cfg = config.egc
-    check_guidance(model, labels, cfg.guidance)
+    check_guidance(model, labels, cfg.guidance, cfg.label_guidance)
     schedule = schedule_from_config(config)
     steps = sample_steps or cfg.sample_steps
     eta = sampler_eta(cfg.sampler, cfg.eta)
 
     def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return guided_eps(model, x_t, t, schedule.sigma(t, x_t), labels, cfg.guidance)
+        return guided_eps(model, x_t, t, schedule.sigma(t, x_t), labels, cfg.guidance, cfg.label_guidance)
 
     def randn_like(x_t: torch.Tensor) -> torch.Tensor:
         return torch.randn(x_t.shape, generator=generator).to(x_t.device)

@@ -147,6 +147,7 @@ def egc_actions(run: Any, refine_fraction: float = 0.4) -> ModelActions:
             "steps": cfg.sample_steps,
             "eta": eta,
             "guidance": cfg.guidance,
+            "label_guidance": cfg.label_guidance,
             "schedule": f"{cfg.schedule}, T = {cfg.timesteps}",
             "init": "N(0, I) noise",
         },
