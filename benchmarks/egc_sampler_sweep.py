@@ -24,12 +24,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_result
-from jemlab.data import load_dataset
-from jemlab.evaluation.suite_context import load_subset as _load
+from benchmarks.egc_feature_space import add_arguments, load
 from jemlab.generate import generate
 from jemlab.quality import metrics as sq
-from jemlab.quality.reference import reference_feature_net
-from jemlab.run import load_run
 
 
 def parse_config(text: str) -> dict:
@@ -50,34 +47,16 @@ def parse_config(text: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
+    add_arguments(parser)
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument(
         "--configs", nargs="+", default=["ddim:50", "ddim:100", "ddim:50:eta=1", "ddpm:250", "ddim:50:noclip"]
     )
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     configs = {text: parse_config(text) for text in args.configs}
-    run = load_run(args.checkpoint, device="cpu")
-    if run.config.objective.name != "egc":
-        raise SystemExit(f"{args.checkpoint} is not an EGC run (objective {run.config.objective.name})")
-    d = run.config.data
-    splits = load_dataset(d.dataset, d.data_dir, val_size=d.val_size, seed=run.config.train.seed, limit=d.limit)
-    net, info = reference_feature_net(splits, log=print)
-    if net is None:
-        raise SystemExit(f"no feature net: {info}")
-
-    def features(x: torch.Tensor):
-        return sq.extract_features(net.features, x)
-
-    x_test, _ = _load(splits.test, args.n, torch.Generator().manual_seed(args.seed), 250)
-    x_val, _ = _load(splits.val, args.n, torch.Generator().manual_seed(args.seed + 1), 250)
-    f_test, f_val = features(x_test), features(x_val)
-    floor = sq.frechet_distance_from_features(f_test, f_val)
+    space = load(args.checkpoint, threads=args.threads)
+    run = space.run
+    floor = space.set_reference(args.n, args.seed)
     print(f"real vs real: {floor:.2f}")
     base = run.config.egc
     rows = {}
@@ -87,7 +66,7 @@ def main() -> None:
         start = time.perf_counter()
         x, _ = generate(run, args.n, generator=torch.Generator().manual_seed(args.seed))
         seconds = time.perf_counter() - start
-        fd = sq.frechet_distance_from_features(f_test, features(x))
+        fd = space.frechet(x)
         grid = Path(args.out) / f"egc_sampler_sweep-{stamp}-{text.replace(':', '_').replace('=', '')}.png"
         sq.plot_image_grid(x[:64], grid, title=f"EGC {text}: FD {fd:.1f}")
         rows[text] = {**settings, "frechet": fd, "seconds_per_image": seconds / args.n, "grid": str(grid)}
@@ -99,9 +78,8 @@ def main() -> None:
             "checkpoint": args.checkpoint,
             "n": args.n,
             "threads": torch.get_num_threads(),
-            "real_vs_real": floor,
             "table": rows,
-            "feature_net": {k: v for k, v in info.items() if isinstance(v, (str, int, float))},
+            **space.summary(),
         },
         args.out,
     )
