@@ -146,3 +146,7 @@ def test_egc_sampling_flags_are_refused_for_jem_runs_and_validated_for_egc_runs(
     assert (config.egc.label_guidance, config.egc.guidance) == (2.5, 1.0)
     with pytest.raises(ConfigError, match=re.escape("egc.label_guidance must be >= 0")):
         build_config("egc", [("egc.label_guidance", -1)])
+    # a run that could not draw its own sample grids is refused before it trains
+    with pytest.raises(ConfigError, match=re.escape("needs a label-conditioned network")):
+        build_config("egc", [("model.label_conditioning", False), ("egc.label_guidance", 2)])
+    build_config("egc", [("model.label_conditioning", False), ("egc.guidance", 4)])

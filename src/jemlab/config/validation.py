@@ -287,6 +287,11 @@ def _validate_egc_parameterisation(config: Config) -> None:
         ("mean", "attention", "mean_log_softmax"),
         " (how the EGC UNet's logit map becomes class logits)",
     )
+    _check(
+        e.label_guidance == 1 or config.model.options.get("label_conditioning", True) is not False,
+        f"egc.label_guidance={e.label_guidance:g} (classifier-free guidance) needs a label-conditioned network, and "
+        f"this config sets model.label_conditioning=false: keep egc.label_guidance=1 and guide with egc.guidance",
+    )
     if e.parameterisation == "epsilon":
         _check(
             output == "epsilon",
