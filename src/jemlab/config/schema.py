@@ -184,6 +184,9 @@ class EGCConfig:
     gamma_clean: float = 0.005  # weight of CE(f(x_0, 0), y) on clean images
     label_smoothing: float = 0.2  # of both CE terms
     label_dropout: float = 0.1  # fraction of labels replaced by "no label" in the denoising term
+    # share of the CE terms' gradient that reaches the UNet's trunk: 1 (as published) all of it; 0 the classifier
+    # reads the denoiser's features without training them (with model.classifier=head, only its head learns)
+    ce_trunk_grad: float = 1.0
     min_snr: float = 0.0  # Min-SNR-γ weighting of the denoising term, min(SNR_t, γ)/SNR_t (Hang et al.); 0: uniform
     ema: float = 0.9999  # decay of the EMA weights used for evaluation and sampling
     ema_warmup: bool = True  # decay min(ema, (1 + n)/(10 + n)) after n updates, so short runs get a useful EMA

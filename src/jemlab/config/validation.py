@@ -232,6 +232,10 @@ def _validate_egc(e: EGCConfig) -> None:
         _check(getattr(e, name) >= 0, f"egc.{name} must be >= 0, got {getattr(e, name)}")
     _check(0 <= e.label_smoothing < 1, f"egc.label_smoothing must be in [0, 1), got {e.label_smoothing}")
     _check(0 <= e.label_dropout <= 1, f"egc.label_dropout must be in [0, 1], got {e.label_dropout}")
+    _check(
+        0 <= e.ce_trunk_grad <= 1,
+        f"egc.ce_trunk_grad must be in [0, 1] (1: the CE terms train the whole network), got {e.ce_trunk_grad}",
+    )
     _check(e.min_snr >= 0, f"egc.min_snr must be >= 0 (0: uniform weighting; Hang et al. use 5), got {e.min_snr}")
     _check(0 <= e.ema < 1, f"egc.ema must be in [0, 1), got {e.ema}")
     _one_of(e.sampler, "egc.sampler", ("ddim", "ddpm"))
@@ -266,27 +270,19 @@ def _validate_egc_pairing(config: Config) -> None:
 
 def _validate_egc_parameterisation(config: Config) -> None:
     """The UNet's output head matches egc.parameterisation; the ε-prediction control has no classifier to guide."""
-    e, output = config.egc, config.model.options.get("output", "logits")
-    _one_of(output, "model.output", ("logits", "epsilon"), " (the EGC UNet's output head)")
-    _one_of(
-        config.model.options.get("energy_scale") or "none",
-        "model.energy_scale",
-        ("none", "sigma"),
-        " (how the energy's gradient becomes the noise estimate)",
-    )
-    _one_of(
-        config.model.options.get("energy_base") or "none",
-        "model.energy_base",
-        ("none", "gaussian"),
-        " (a standard-normal energy ½‖x_t‖² added to the network's)",
-    )
-    _one_of(config.model.options.get("energy") or "map", "model.energy", ("map", "pooled"), " (the EGC UNet's energy)")
-    _one_of(
-        config.model.options.get("pool") or "mean",
-        "model.pool",
-        ("mean", "attention", "mean_log_softmax"),
-        " (how the EGC UNet's logit map becomes class logits)",
-    )
+    from jemlab.models import egc_unet as unet  # local, as in `_validate_backbone_options`: the UNet's own choices
+
+    e, options = config.egc, config.model.options
+    output = options.get("output", "logits")
+    for key, choices, what in (
+        ("output", unet.OUTPUTS, "the EGC UNet's output head"),
+        ("energy_scale", unet.ENERGY_SCALES, "how the energy's gradient becomes the noise estimate"),
+        ("energy_base", unet.ENERGY_BASES, "a standard-normal energy ½‖x_t‖² added to the network's"),
+        ("energy", unet.ENERGIES, "the EGC UNet's energy"),
+        ("pool", unet.POOLS, "how the EGC UNet's logit map becomes class logits"),
+        ("classifier", unet.CLASSIFIERS, "what the EGC UNet's classifier reads: the logit map, or its own head"),
+    ):
+        _one_of(options.get(key) or choices[0], f"model.{key}", choices, f" ({what})")
     _check(
         e.label_guidance == 1 or config.model.options.get("label_conditioning", True) is not False,
         f"egc.label_guidance={e.label_guidance:g} (classifier-free guidance) needs a label-conditioned network, and "

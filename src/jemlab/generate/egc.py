@@ -86,7 +86,7 @@ def guided_eps(
     """ε̂ for unconditional (labels None) or class-conditional sampling with classifier and classifier-free guidance.
 
     Args:
-        model: an EGC network (`logit_map`, `energy_from_map`, `pool_logits`, `label_embed`).
+        model: an EGC network (`logit_map`, `map_and_logits`, `energy_from_map`, `label_embed`).
         x: (N, C, H, W) noisy images.
         t: (N,) timesteps.
         sigma: √(1 − ᾱ_t) broadcastable to x.
@@ -106,14 +106,15 @@ def guided_eps(
         return eps if label_guidance == 1 else torch.lerp(model.eps(x, t, sigma), eps, label_guidance)
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
-        m = model.logit_map(x_in, t, labels if conditional else None)
+        # the label-free pass: what the classifier reads, and the other end of classifier-free guidance
+        free = not conditional or guidance > 0 or label_guidance != 1
+        m_free, logits_free = model.map_and_logits(x_in, t) if free else (None, None)
+        m = model.logit_map(x_in, t, labels) if conditional else m_free
         objective = model.energy_from_map(m).sum()
-        # the label-free map: what the classifier reads, and the other end of classifier-free guidance
-        m_free = model.logit_map(x_in, t) if conditional and (guidance > 0 or label_guidance != 1) else m
         if conditional and label_guidance != 1:
             objective = torch.lerp(model.energy_from_map(m_free).sum(), objective, label_guidance)
         if guidance > 0:
-            log_py = F.log_softmax(model.pool_logits(m_free).float(), dim=1).gather(1, labels.view(-1, 1))
+            log_py = F.log_softmax(logits_free.float(), dim=1).gather(1, labels.view(-1, 1))
             objective = objective - guidance * (model.guidance_weight(sigma) * log_py.reshape(-1)).sum()
         (grad,) = torch.autograd.grad(objective, x_in)
     return model.noise_from_gradient(grad, sigma, x).detach()

@@ -38,12 +38,16 @@ from jemlab.errors import ConfigError, JemlabError
 
 #: What the output head emits: the per-pixel logit map (EGC's energy network) or ε̂ itself (the control).
 OUTPUTS = ("logits", "epsilon")
+#: How the logit map becomes the energy: summed per-pixel logsumexp (official) or the pooled logits' logsumexp.
+ENERGIES = ("map", "pooled")
 #: How the energy's input gradient becomes ε̂: scaled by the noise level (as published) or read as ε̂ directly.
 ENERGY_SCALES = ("none", "sigma")
 #: An energy added to the network's: none (as published) or the standard normal's ½‖x_t‖².
 ENERGY_BASES = ("none", "gaussian")
 #: How the logit map becomes class logits.
 POOLS = ("mean", "attention", "mean_log_softmax")
+#: What the classifier reads: the logit map (as published) or a convolutional head on the trunk's last features.
+CLASSIFIERS = ("map", "head")
 
 
 class NoClassifierError(JemlabError):
@@ -148,6 +152,34 @@ class AttentionPool(nn.Module):
         return self.out((weights @ v)[:, 0])  # (N, C)
 
 
+class ClassifierHead(nn.Module):
+    """Class logits from the trunk's last features (N, ch, h, w): two 3×3 convolutions at that resolution (the
+    second widening to 2·ch), one strided to half of it (4·ch), each after GroupNorm → SiLU, then GroupNorm → SiLU,
+    the spatial mean and a linear map to the classes. About a small CNN's capacity (~0.3M weights at width 32), so
+    the classifier does not have to be trained into the denoiser's features."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        wide, wider = 2 * channels, 4 * channels
+        self.body = nn.Sequential(
+            nn.GroupNorm(_groups(channels), channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, wide, 3, padding=1),
+            nn.GroupNorm(_groups(wide), wide),
+            nn.SiLU(),
+            nn.Conv2d(wide, wider, 3, stride=2, padding=1),
+            nn.GroupNorm(_groups(wider), wider),
+            nn.SiLU(),
+            nn.Conv2d(wider, wider, 3, padding=1),
+            nn.GroupNorm(_groups(wider), wider),
+            nn.SiLU(),
+        )
+        self.out = nn.Linear(wider, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(h).mean(dim=(2, 3)))
+
+
 class EGCUNet(nn.Module):
     """The EGC energy network: f_θ(x_t, t[, y]) → logit map, energy, class logits, and ε̂ by differentiation.
 
@@ -205,6 +237,7 @@ class EGCUNet(nn.Module):
         output: str = "logits",
         energy_scale: str | None = "none",
         energy_base: str | None = "none",
+        classifier: str = "map",
     ) -> None:
         super().__init__()
         energy_scale = energy_scale or "none"  # `--set model.energy_scale=none` arrives as None
@@ -215,10 +248,14 @@ class EGCUNet(nn.Module):
             raise ConfigError(f"egc_unet energy_scale must be {' or '.join(ENERGY_SCALES)}, got '{energy_scale}'")
         if energy_base not in ENERGY_BASES:
             raise ConfigError(f"egc_unet energy_base must be {' or '.join(ENERGY_BASES)}, got '{energy_base}'")
-        if energy not in ("map", "pooled"):
-            raise ConfigError(f"egc_unet energy must be map or pooled, got '{energy}'")
+        if energy not in ENERGIES:
+            raise ConfigError(f"egc_unet energy must be {' or '.join(ENERGIES)}, got '{energy}'")
         if pool not in POOLS:
             raise ConfigError(f"egc_unet pool must be {', '.join(POOLS)}, got '{pool}'")
+        if classifier not in CLASSIFIERS:
+            raise ConfigError(f"egc_unet classifier must be {' or '.join(CLASSIFIERS)}, got '{classifier}'")
+        if classifier == "head" and energy != "map":
+            raise ConfigError("egc_unet classifier=head reads class logits from its head, not the map: use energy=map")
         if pool == "mean_log_softmax" and energy != "map":
             raise ConfigError("egc_unet pool=mean_log_softmax splits the map's level from its classes: use energy=map")
         channel_mult = [int(m) for m in channel_mult]
@@ -290,6 +327,8 @@ class EGCUNet(nn.Module):
             nn.PixelShuffle(patch),  # (N, K·p², H/p, W/p) → (N, K, H, W)
         )
         self.pool = AttentionPool(num_classes, num_classes) if pool == "attention" and self.has_classifier else None
+        head = classifier == "head" and self.has_classifier
+        self.classifier_head = ClassifierHead(ch, num_classes) if head else None
         self.pool_log_softmax = pool == "mean_log_softmax"
 
     # --- the network -------------------------------------------------------------------------------------------
@@ -349,6 +388,10 @@ class EGCUNet(nn.Module):
 
     def _network(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None) -> torch.Tensor:
         """Trunk and output head: (N, num_classes, H, W) logits, or (N, C_in, H, W) ε̂ for the control."""
+        return self.out(self._trunk(x, t, y))
+
+    def _trunk(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None) -> torch.Tensor:
+        """The UNet up to its output head: features (N, ch, H/p, W/p) of the last up-path block."""
         emb = self._embedding(t, y, len(x), x.device)
         h = self.conv_in(F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x)  # (N, width, H/p, W/p)
         hs = [h]
@@ -358,11 +401,41 @@ class EGCUNet(nn.Module):
         h = self._run(self.middle, h, emb)
         for block in self.up:
             h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
+        return h
+
+    def map_and_logits(
+        self, x: torch.Tensor, t: torch.Tensor | int, trunk_grad: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The label-free logit map m(x_t, t) and the class logits f(x_t, t) from one pass of the trunk.
+
+        Args:
+            x: (N, C_in, H, W) noisy images.
+            t: (N,) integer timesteps (or one int for all).
+            trunk_grad: the share of the gradient through the class logits that reaches the trunk (training): 1
+                keeps all of it, 0 runs the trunk without a graph so that only the classifier's own layers (the
+                output head, or `ClassifierHead`) learn from the logits; the map keeps the trunk's graph only at 1.
+
+        Returns:
+            (map (N, num_classes, H, W), logits (N, num_classes)).
+        """
+        self._require_classifier("class logits")
+        if trunk_grad <= 0:
+            with torch.no_grad():
+                h = self._trunk(x, t, None)
+        else:
+            h = self._trunk(x, t, None)
+            if trunk_grad < 1:
+                h = torch.lerp(h.detach(), h, trunk_grad)  # the value of h; trunk_grad × its gradient
+        m = self.out(h)
+        if self.classifier_head is not None:
+            return m, self.classifier_head(h)
+        return m, self.pool_logits(m)
 
     def pool_logits(self, m: torch.Tensor) -> torch.Tensor:
-        """Class logits (N, C) from a logit map (N, C, H, W)."""
+        """Class logits (N, C) from a logit map (N, C, H, W) (``classifier="map"``; the head reads the trunk)."""
         self._require_classifier("class logits")
+        if self.classifier_head is not None:
+            raise ConfigError("this EGC UNet classifies with its own head (classifier=head): read map_and_logits")
         if self.pool is not None:
             return self.pool(m)
         if self.pool_log_softmax:
@@ -380,7 +453,7 @@ class EGCUNet(nn.Module):
 
     def logits_t(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """Class logits f(x_t, t), shape (N, C) (no label given)."""
-        return self.pool_logits(self.logit_map(x, t))
+        return self.map_and_logits(x, t)[1]
 
     def energy_t(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> torch.Tensor:
         """Energy E(x_t, t[, y]), shape (N,)."""
@@ -453,8 +526,8 @@ class EGCUNet(nn.Module):
 
     def logits_and_energy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (N, C) and E(x, 0) (N,) from one forward pass."""
-        m = self.logit_map(x, 0)
-        return self.pool_logits(m), self.energy_from_map(m)
+        m, logits = self.map_and_logits(x, 0)
+        return logits, self.energy_from_map(m)
 
     def joint_energy(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """E(x, y) = −f(x, 0)[y], shape (N,) (the JEM reading of the t = 0 classifier)."""

@@ -7,8 +7,10 @@
         + γ_clean · mean_i            CE_ls(f(x_0, 0), y)      classification of clean images
 
 CE_ls is cross-entropy with label smoothing. ∇ₓE is taken with ``create_graph=True``, so minimising the denoising
-term back-propagates through the input gradient (double back-propagation). Like the JEM objective, this module
-receives its random draws' generator and never samples negatives of its own.
+term back-propagates through the input gradient (double back-propagation). ``trunk_grad`` < 1 lets only that share
+of the CE terms' gradient reach the network's trunk (the classifier's own layers get all of it); 1 is EGC as
+published. Like the JEM objective, this module receives its random draws' generator and never samples negatives of
+its own.
 
 `epsilon_loss` is the control of the comparison (``egc.parameterisation=epsilon``): a plain ε-prediction diffusion
 model (Ho et al., 2020) on the same UNet, whose output head emits ε̂(x_t, t[, ỹ]) directly, with the same draws of
@@ -35,6 +37,7 @@ class EGCWeights:
     label_smoothing: float = 0.2
     label_dropout: float = 0.1
     min_snr: float = 0.0  # γ of the Min-SNR weighting of the denoising term (Hang et al., 2023); 0: uniform
+    trunk_grad: float = 1.0  # share of the CE terms' gradient that reaches the trunk (0: only the classifier learns)
 
 
 def _denoising_error(
@@ -108,15 +111,18 @@ def egc_loss(
     eps_hat = model.noise_from_gradient(grad.float(), schedule.sigma(t, x0), x_t.float())
     denoising, mse = _denoising_error(eps_hat, noise, t, schedule, weights.min_snr)
 
-    # Classification terms, read without a label (the label-free map). Without label conditioning the noisy map
-    # above already is that map, so only the clean images need a forward pass of their own.
+    # Classification terms, read without a label (the label-free map). Without label conditioning, a classifier
+    # that reads the map and the whole gradient, the noisy map above already is that map, so only the clean images
+    # need a forward pass of their own.
+    separate = conditional or weights.trunk_grad < 1 or getattr(model, "classifier_head", None) is not None
     with autocast:
-        if conditional:
-            logits = model.pool_logits(model.logit_map(torch.cat([x_t, x0]), torch.cat([t, torch.zeros_like(t)])))
+        if separate:
+            both = torch.cat([x_t, x0]), torch.cat([t, torch.zeros_like(t)])
+            logits = model.map_and_logits(*both, trunk_grad=weights.trunk_grad)[1]
             logits_noisy, logits_clean = logits[:n], logits[n:]
         else:
             logits_noisy = model.pool_logits(m_noisy)
-            logits_clean = model.pool_logits(model.logit_map(x0, torch.zeros_like(t)))
+            logits_clean = model.logits_t(x0, torch.zeros_like(t))
     ce_noisy_each = F.cross_entropy(logits_noisy.float(), y, label_smoothing=weights.label_smoothing, reduction="none")
     ce_noisy = (ce_noisy_each * schedule.signal(t, ce_noisy_each)).mean()
     ce_clean = F.cross_entropy(logits_clean.float(), y, label_smoothing=weights.label_smoothing)

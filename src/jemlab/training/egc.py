@@ -44,6 +44,7 @@ class EGCTraining:
             label_smoothing=e.label_smoothing,
             label_dropout=e.label_dropout,
             min_snr=e.min_snr,
+            trunk_grad=e.ce_trunk_grad,
         )
         # EGC's loss, or the control's (egc.parameterisation=epsilon: ε̂ from the output head, no CE terms).
         self.loss_fn = epsilon_loss if e.parameterisation == "epsilon" else egc_loss
