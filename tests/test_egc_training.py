@@ -16,9 +16,11 @@ from jemlab.errors import ConfigError
 from jemlab.run import load_run
 from jemlab.training.loop import Trainer
 
-# A tiny EGC network and a short sampler, so that a run on the fake dataset takes seconds.
+# A tiny EGC network (with the preset's classifier head) and a short sampler, so that a run on the fake dataset
+# takes seconds.
+TINY_NET = {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "patch": 2, "attention": [], "classifier": "head"}
 TINY_EGC = [
-    ("model.options", {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "patch": 2, "attention": []}),
+    ("model.options", TINY_NET),
     ("egc.sample_steps", 3),
     ("egc.ema", 0.9),
 ]
@@ -77,7 +79,8 @@ def _train_args(data_dir, run_dir):
         "--epochs", "1", "--batch-size", "32", "--no-progress",
         "--set", "data.val_size=100", "--set", "data.download=false", "--set", "train.tensorboard=false",
         "--set", "train.log_every=5", "--set", "egc.sample_steps=3", "--set", "egc.ema=0.9",
-        "--set", 'model.options={"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "patch": 2}',
+        "--set", 'model.options={"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "patch": 2, '
+        '"classifier": "head"}',
     ]  # fmt: skip
 
 
@@ -100,15 +103,20 @@ def test_cli_train_sample_eval_round_trip(tmp_path, tiny_idx_dir, monkeypatch, c
     with np.load(out) as data:
         assert data["images"].shape == (20, 1, 28, 28) and data["images"].min() >= 0 and data["images"].max() <= 1
     gif = tmp_path / "chain.gif"
+    animate = ["sample", "--checkpoint", str(run), "--num", "1", "--per-class", "--animate", str(gif), "--steps", "4"]
     assert (
-        main(["sample", "--checkpoint", str(run), "--num", "1", "--per-class", "--animate", str(gif), "--steps", "4"])
+        main(animate)
         == 0
     )
     capsys.readouterr()
     from PIL import Image
 
-    with Image.open(gif) as animation:
-        assert animation.n_frames == 5  # x_T and one frame per DDIM step
+    with Image.open(gif) as animation:  # x_T and one frame per DDIM step: 4 × 120 ms, then the last held 1.5 s
+        durations = []
+        for index in range(animation.n_frames):  # the GIF writer merges identical neighbours, adding their times
+            animation.seek(index)
+            durations.append(animation.info["duration"])
+    assert sum(durations) == 4 * 120 + 1500 and durations[-1] >= 1500
     assert main(["sample", "--checkpoint", str(run), "--num", "4", "--init", "buffer", "--out", str(out)]) == 2
     assert "no replay buffer" in capsys.readouterr().err
 
@@ -143,10 +151,12 @@ def test_egc_sampling_flags_are_refused_for_jem_runs_and_validated_for_egc_runs(
         apply_egc_flags(argparse.Namespace(label_guidance=2.0), build_config("default"))
     config = build_config("egc")
     apply_egc_flags(argparse.Namespace(label_guidance=2.5, guidance=None, sampler=None), config)
-    assert (config.egc.label_guidance, config.egc.guidance) == (2.5, 1.0)
+    assert (config.egc.label_guidance, config.egc.guidance) == (2.5, 6.0)  # the flag, and the preset's guidance
     with pytest.raises(ConfigError, match=re.escape("egc.label_guidance must be >= 0")):
         build_config("egc", [("egc.label_guidance", -1)])
     # a run that could not draw its own sample grids is refused before it trains
     with pytest.raises(ConfigError, match=re.escape("needs a label-conditioned network")):
         build_config("egc", [("model.label_conditioning", False), ("egc.label_guidance", 2)])
-    build_config("egc", [("model.label_conditioning", False), ("egc.guidance", 4)])
+    build_config("egc", [("model.label_conditioning", False), ("egc.label_guidance", 1), ("egc.guidance", 4)])
+    with pytest.raises(ConfigError, match=re.escape("keep egc.label_guidance=1 and guide with egc.guidance")):
+        build_config("egc", [("model.label_conditioning", False)])  # the preset's w = 2 needs the labels

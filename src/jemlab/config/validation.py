@@ -283,11 +283,6 @@ def _validate_egc_parameterisation(config: Config) -> None:
         ("classifier", unet.CLASSIFIERS, "what the EGC UNet's classifier reads: the logit map, or its own head"),
     ):
         _one_of(options.get(key) or choices[0], f"model.{key}", choices, f" ({what})")
-    _check(
-        e.label_guidance == 1 or config.model.options.get("label_conditioning", True) is not False,
-        f"egc.label_guidance={e.label_guidance:g} (classifier-free guidance) needs a label-conditioned network, and "
-        f"this config sets model.label_conditioning=false: keep egc.label_guidance=1 and guide with egc.guidance",
-    )
     if e.parameterisation == "epsilon":
         _check(
             output == "epsilon",
@@ -311,6 +306,11 @@ def _validate_egc_parameterisation(config: Config) -> None:
             f"model.output={output} gives the UNet no energy: it belongs to egc.parameterisation=epsilon "
             f"(--preset egc-control); EGC's energy parameterisation needs model.output=logits",
         )
+    _check(
+        e.label_guidance == 1 or config.model.options.get("label_conditioning", True) is not False,
+        f"egc.label_guidance={e.label_guidance:g} (classifier-free guidance) needs a label-conditioned network, and "
+        f"this config sets model.label_conditioning=false: keep egc.label_guidance=1 and guide with egc.guidance",
+    )
 
 
 def _validate_semi_supervised(config: Config) -> None:
