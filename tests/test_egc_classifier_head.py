@@ -61,7 +61,7 @@ def test_trunk_grad_scales_the_gradient_that_reaches_the_trunk(classifier):
     grads, values = {}, {}
     for share in (1.0, 0.25, 0.0):
         model.zero_grad(set_to_none=True)
-        logits = model.map_and_logits(x, t, trunk_grad=share)[1]
+        logits = model.logits_t(x, t, trunk_grad=share)
         torch.log_softmax(logits, 1)[:, 1].sum().backward()
         values[share] = logits.detach()
         grads[share] = {n: p.grad for n, p in model.named_parameters()}

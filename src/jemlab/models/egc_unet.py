@@ -403,33 +403,20 @@ class EGCUNet(nn.Module):
             h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb)
         return h
 
-    def map_and_logits(
-        self, x: torch.Tensor, t: torch.Tensor | int, trunk_grad: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def map_and_logits(self, x: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         """The label-free logit map m(x_t, t) and the class logits f(x_t, t) from one pass of the trunk.
 
         Args:
             x: (N, C_in, H, W) noisy images.
             t: (N,) integer timesteps (or one int for all).
-            trunk_grad: the share of the gradient through the class logits that reaches the trunk (training): 1
-                keeps all of it, 0 runs the trunk without a graph so that only the classifier's own layers (the
-                output head, or `ClassifierHead`) learn from the logits; the map keeps the trunk's graph only at 1.
 
         Returns:
             (map (N, num_classes, H, W), logits (N, num_classes)).
         """
         self._require_classifier("class logits")
-        if trunk_grad <= 0:
-            with torch.no_grad():
-                h = self._trunk(x, t, None)
-        else:
-            h = self._trunk(x, t, None)
-            if trunk_grad < 1:
-                h = torch.lerp(h.detach(), h, trunk_grad)  # the value of h; trunk_grad × its gradient
+        h = self._trunk(x, t, None)
         m = self.out(h)
-        if self.classifier_head is not None:
-            return m, self.classifier_head(h)
-        return m, self.pool_logits(m)
+        return m, (self.classifier_head(h) if self.classifier_head is not None else self.pool_logits(m))
 
     def pool_logits(self, m: torch.Tensor) -> torch.Tensor:
         """Class logits (N, C) from a logit map (N, C, H, W) (``classifier="map"``; the head reads the trunk)."""
@@ -451,9 +438,22 @@ class EGCUNet(nn.Module):
 
     # --- noise-conditional API ---------------------------------------------------------------------------------
 
-    def logits_t(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-        """Class logits f(x_t, t), shape (N, C) (no label given)."""
-        return self.map_and_logits(x, t)[1]
+    def logits_t(self, x: torch.Tensor, t: torch.Tensor | int, trunk_grad: float = 1.0) -> torch.Tensor:
+        """Class logits f(x_t, t), shape (N, C) (no label given).
+
+        `trunk_grad` is the share of the gradient through the logits that reaches the trunk (training): 1 keeps all
+        of it, 0 runs the trunk without a graph so that only the classifier's own layers (the output head, or
+        `ClassifierHead`) learn from the logits. The logits' values do not depend on it.
+        """
+        self._require_classifier("class logits")
+        if trunk_grad <= 0:
+            with torch.no_grad():
+                h = self._trunk(x, t, None)
+        else:
+            h = self._trunk(x, t, None)
+            if trunk_grad < 1:
+                h = torch.lerp(h.detach(), h, trunk_grad)  # the value of h; trunk_grad × its gradient
+        return self.classifier_head(h) if self.classifier_head is not None else self.pool_logits(self.out(h))
 
     def energy_t(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> torch.Tensor:
         """Energy E(x_t, t[, y]), shape (N,)."""

@@ -118,7 +118,7 @@ def egc_loss(
     with autocast:
         if separate:
             both = torch.cat([x_t, x0]), torch.cat([t, torch.zeros_like(t)])
-            logits = model.map_and_logits(*both, trunk_grad=weights.trunk_grad)[1]
+            logits = model.logits_t(*both, trunk_grad=weights.trunk_grad)
             logits_noisy, logits_clean = logits[:n], logits[n:]
         else:
             logits_noisy = model.pool_logits(m_noisy)
