@@ -133,9 +133,12 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch):
     assert choice.value == "fp32" and choice.reason.startswith("auto:")
     use_probe(monkeypatch, "bf16_native=1")
     assert choose_precision("auto", "cpu", "sampler.precision").value == "bf16"
-    # the training step stays fp32 on a CPU either way
+    # the JEM training step stays fp32 on a CPU either way; the EGC step takes bf16 where it is native
     assert choose_precision("auto", "cpu", "train.precision").value == "fp32"
+    assert choose_precision("auto", "cpu", "egc.precision").value == "bf16"
     assert choose_precision("fp32", "cpu", "sampler.precision").value == "fp32"
+    use_probe(monkeypatch, "avx2")
+    assert choose_precision("auto", "cpu", "egc.precision").value == "fp32"
 
 
 def test_forced_bf16_where_emulated_runs_with_one_warning(monkeypatch, jemlab_warnings):

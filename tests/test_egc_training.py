@@ -100,6 +100,12 @@ def test_cli_train_sample_eval_round_trip(tmp_path, tiny_idx_dir, monkeypatch, c
     assert report["sampler"] == "ddpm" and report["steps"] == 4 and report["guidance"] == 2.0
     assert report["label_guidance"] == 3.0
     assert 0 <= report["self_agreement"] <= 1
+    assert main([*args, "--eta", "0.25"]) == 0
+    assert json.loads(capsys.readouterr().out)["eta"] == 0.25  # DDIM with the given noise (ddpm is always 1)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--eta", "1.5"])
+    assert exit_info.value.code == 2
+    assert "--eta: expected a number in [0, 1], got 1.5" in capsys.readouterr().err
     with np.load(out) as data:
         assert data["images"].shape == (20, 1, 28, 28) and data["images"].min() >= 0 and data["images"].max() <= 1
     gif = tmp_path / "chain.gif"
@@ -131,7 +137,8 @@ def test_cli_train_sample_eval_round_trip(tmp_path, tiny_idx_dir, monkeypatch, c
     sizes = ["--n-test", "60", "--n-val", "30", "--n-ood", "20", "--n-samples", "10", "--sample-steps", "2"]
     sizes += ["--pgd-n", "4", "--pgd-steps", "1", "--eps-linf", "0,8/255", "--eps-l2", "0,0.5"]
     parts = ["--parts", "classification,calibration,ood,robustness,samples", "--no-train-feature-net"]
-    assert main([*args, *parts, *sizes, "--ood-datasets", "none", "--guidance", "3", "--label-guidance", "2"]) == 0
+    guidance = ["--guidance", "3", "--label-guidance", "2", "--eta", "0.25"]
+    assert main([*args, *parts, *sizes, "--ood-datasets", "none", *guidance]) == 0
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert metrics["test_accuracy"] == summary["test_accuracy"]
     # EGC runs get smaller attack defaults (EGC_EVAL_DEFAULTS); a flag the user gave still wins
@@ -139,6 +146,7 @@ def test_cli_train_sample_eval_round_trip(tmp_path, tiny_idx_dir, monkeypatch, c
     protocol = metrics["samples"]["protocol"]
     assert (protocol["sgld_steps"], protocol["chains_from"], protocol["sampler"]) == (2, "noise", "ddim")
     assert (protocol["guidance_conditional"], protocol["label_guidance_conditional"]) == (3.0, 2.0)
+    assert protocol["eta"] == 0.25
     assert "energy" in metrics["ood"] and "uniform" in metrics["ood"]["energy"]
 
 
@@ -150,8 +158,13 @@ def test_egc_sampling_flags_are_refused_for_jem_runs_and_validated_for_egc_runs(
     with pytest.raises(ConfigError, match=re.escape("--label-guidance applies to EGC runs only")):
         apply_egc_flags(argparse.Namespace(label_guidance=2.0), build_config("default"))
     config = build_config("egc")
-    apply_egc_flags(argparse.Namespace(label_guidance=2.5, guidance=None, sampler=None), config)
+    apply_egc_flags(argparse.Namespace(label_guidance=2.5, guidance=None, sampler=None, eta=None), config)
     assert (config.egc.label_guidance, config.egc.guidance) == (2.5, 6.0)  # the flag, and the preset's guidance
+    assert config.egc.eta == 0.5  # the preset's
+    apply_egc_flags(argparse.Namespace(eta=0.0), config)
+    assert config.egc.eta == 0.0
+    with pytest.raises(ConfigError, match=re.escape("--eta applies to EGC runs only")):
+        apply_egc_flags(argparse.Namespace(eta=0.5), build_config("default"))
     with pytest.raises(ConfigError, match=re.escape("egc.label_guidance must be >= 0")):
         build_config("egc", [("egc.label_guidance", -1)])
     # a run that could not draw its own sample grids is refused before it trains

@@ -30,6 +30,14 @@ positive_float = number(float, 0.0, False, "a positive number")
 nonneg_float = number(float, 0.0, True, "a number >= 0")
 
 
+def unit_float(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    value = nonneg_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
 def comma_list(text: str) -> list[str]:
     """``a, b,c`` → ``["a", "b", "c"]``; an empty list is an error."""
     items = [item.strip() for item in text.split(",") if item.strip()]
@@ -51,7 +59,7 @@ def apply_egc_flags(args: argparse.Namespace, config: Any) -> None:
     """Apply the EGC-only flags of `sample` and `eval` to the loaded run's config (an error for JEM runs)."""
     from jemlab.config import set_value, validate_config
 
-    names = ("sampler", "guidance", "label_guidance")
+    names = ("sampler", "eta", "guidance", "label_guidance")
     given = {name: value for name in names if (value := getattr(args, name, None)) is not None}
     if not given:
         return

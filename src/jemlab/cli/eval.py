@@ -15,6 +15,7 @@ from jemlab.cli.arguments import (
     positive_float,
     positive_int,
     say,
+    unit_float,
 )
 from jemlab.errors import ConfigError
 
@@ -23,7 +24,7 @@ _SUITE_FLAGS = (
     "n_test", "n_val", "n_ood", "batch_size", "pgd_n", "pgd_steps", "pgd_restarts", "pgd_loss", "pgd_norms", "eps_linf",
     "eps_l2", "defence_steps", "defence_n", "defence_chains", "defence_eot", "n_samples", "sample_steps",
     "sample_init", "kid_subsets", "kid_subset_size", "bins", "temperature_scaling", "ood_datasets", "cache_dir",
-    "no_train_feature_net", "feature_net_minutes", "seed", "report", "guidance", "label_guidance",
+    "no_train_feature_net", "feature_net_minutes", "seed", "report", "eta", "guidance", "label_guidance",
 )  # fmt: skip
 
 
@@ -129,6 +130,11 @@ def _add_sizes(p: argparse.ArgumentParser) -> None:
         "--sample-init",
         choices=["auto", "buffer", "noise"],
         help="sample chains start from the replay buffer or from noise (default: auto = buffer when the run has one)",
+    )
+    g.add_argument(
+        "--eta",
+        type=unit_float,
+        help="EGC runs: DDIM noise η in [0, 1] of every sample (default: the run's egc.eta; 0 = deterministic)",
     )
     g.add_argument(
         "--guidance",

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jemlab.cli.arguments import apply_egc_flags, nonneg_float, nonneg_int, positive_int
+from jemlab.cli.arguments import apply_egc_flags, nonneg_float, nonneg_int, positive_int, unit_float
 from jemlab.errors import ConfigError
 
 
@@ -41,6 +41,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--frames", type=positive_int, default=20, help="GIF frames after the start (default: %(default)s)")
     g = p.add_argument_group("EGC runs (objective egc)")
     g.add_argument("--sampler", choices=["ddim", "ddpm"], help="diffusion sampler (default: the run's egc.sampler)")
+    g.add_argument(
+        "--eta",
+        type=unit_float,
+        help="DDIM noise η in [0, 1] (default: the run's egc.eta; 0 = deterministic; ddpm is always 1)",
+    )
     g.add_argument(
         "--guidance",
         type=nonneg_float,

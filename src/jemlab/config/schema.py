@@ -196,7 +196,9 @@ class EGCConfig:
     guidance: float = 1.0  # scale of the model's own classifier gradient for class-conditional samples
     label_guidance: float = 1.0  # classifier-free weight w of a label-conditioned network (1: its conditional alone)
     clip_x0: bool = True  # clip the predicted clean image to [−1, 1] at each sampler step
-    precision: str = "auto"  # auto (as train.precision), fp32 or bf16: autocast of the training forward passes
+    # autocast of the training forward passes: auto (bf16 where the device runs it natively, else fp32: as
+    # sampler.precision; the EGC step measured 1.5x faster in bf16 on an AVX512_BF16 CPU), fp32 or bf16
+    precision: str = "auto"
 
 
 @dataclass

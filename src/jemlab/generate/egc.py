@@ -108,7 +108,11 @@ def guided_eps(
         x_in = x.detach().requires_grad_(True)
         # the label-free pass: what the classifier reads, and the other end of classifier-free guidance
         free = not conditional or guidance > 0 or label_guidance != 1
-        m_free, logits_free = model.map_and_logits(x_in, t) if free else (None, None)
+        m_free, logits_free = None, None
+        if guidance > 0:  # the classifier is read: map and logits from one pass of the trunk
+            m_free, logits_free = model.map_and_logits(x_in, t)
+        elif free:
+            m_free = model.logit_map(x_in, t)
         m = model.logit_map(x_in, t, labels) if conditional else m_free
         objective = model.energy_from_map(m).sum()
         if conditional and label_guidance != 1:
