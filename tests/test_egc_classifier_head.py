@@ -114,6 +114,19 @@ def test_guidance_reads_the_head(conditional):
     assert torch.allclose(guided, plain - 2.0 * sigma * grad_log_py, atol=1e-5)
 
 
+def test_sampling_without_classifier_guidance_never_runs_the_head(monkeypatch):
+    model = tiny("head", conditional=False).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([100, 60])
+    sigma, y = torch.tensor([0.5, 0.8]).view(2, 1, 1, 1), torch.tensor([2, 0])
+    expected = model.eps(x, t, sigma)
+    calls = []
+    monkeypatch.setattr(model.classifier_head, "forward", lambda h: calls.append(h.shape) or torch.zeros(len(h), 3))
+    assert torch.allclose(guided_eps(model, x, t, sigma, y, guidance=0.0), expected, atol=1e-6)
+    assert calls == []
+    guided_eps(model, x, t, sigma, y, guidance=1.0)
+    assert len(calls) == 1  # with guidance, one head pass per call
+
+
 def test_config_refuses_out_of_range_settings():
     with pytest.raises(ConfigError, match=re.escape("egc.ce_trunk_grad must be in [0, 1]")):
         build_config("egc", [("egc.ce_trunk_grad", 1.5)])
