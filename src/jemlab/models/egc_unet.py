@@ -180,6 +180,50 @@ class ClassifierHead(nn.Module):
         return self.out(self.body(h).mean(dim=(2, 3)))
 
 
+def _check_energy_options(energy_scale: str, energy_base: str) -> None:
+    """One-line errors for the energy's scale and base options (ConfigError)."""
+    if energy_scale not in ENERGY_SCALES:
+        raise ConfigError(f"egc_unet energy_scale must be {' or '.join(ENERGY_SCALES)}, got '{energy_scale}'")
+    if energy_base not in ENERGY_BASES:
+        raise ConfigError(f"egc_unet energy_base must be {' or '.join(ENERGY_BASES)}, got '{energy_base}'")
+
+
+def _check_options(
+    image_size: int,
+    width: int,
+    channel_mult: list[int],
+    num_res_blocks: int,
+    energy: str,
+    pool: str,
+    patch: int,
+    output: str,
+    classifier: str,
+) -> None:
+    """One-line errors (ConfigError) for option values `EGCUNet` cannot build, each naming the fix."""
+    if output not in OUTPUTS:
+        raise ConfigError(f"egc_unet output must be {' or '.join(OUTPUTS)}, got '{output}'")
+    if energy not in ENERGIES:
+        raise ConfigError(f"egc_unet energy must be {' or '.join(ENERGIES)}, got '{energy}'")
+    if pool not in POOLS:
+        raise ConfigError(f"egc_unet pool must be {', '.join(POOLS)}, got '{pool}'")
+    if classifier not in CLASSIFIERS:
+        raise ConfigError(f"egc_unet classifier must be {' or '.join(CLASSIFIERS)}, got '{classifier}'")
+    if classifier == "head" and energy != "map":
+        raise ConfigError("egc_unet classifier=head reads class logits from its head, not the map: use energy=map")
+    if pool == "mean_log_softmax" and energy != "map":
+        raise ConfigError("egc_unet pool=mean_log_softmax splits the map's level from its classes: use energy=map")
+    if not channel_mult or min(channel_mult) < 1 or width < 4 or num_res_blocks < 1:
+        raise ConfigError("egc_unet needs width >= 4, num_res_blocks >= 1 and channel multipliers >= 1")
+    multiple = max(patch, 1) * 2 ** (len(channel_mult) - 1)
+    if patch < 1 or image_size % multiple:
+        fit = max(multiple, round(image_size / multiple) * multiple)
+        raise ConfigError(
+            f"egc_unet needs an image size divisible by patch {patch} × 2^{len(channel_mult) - 1} (levels) = "
+            f"{multiple}, got {image_size}; resize the images with data.image_size={fit}, or set model.patch / "
+            f"model.channel_mult to fit"
+        )
+
+
 class EGCUNet(nn.Module):
     """The EGC energy network: f_θ(x_t, t[, y]) → logit map, energy, class logits, and ε̂ by differentiation.
 
@@ -242,33 +286,9 @@ class EGCUNet(nn.Module):
         super().__init__()
         energy_scale = energy_scale or "none"  # `--set model.energy_scale=none` arrives as None
         energy_base = energy_base or "none"
-        if output not in OUTPUTS:
-            raise ConfigError(f"egc_unet output must be {' or '.join(OUTPUTS)}, got '{output}'")
-        if energy_scale not in ENERGY_SCALES:
-            raise ConfigError(f"egc_unet energy_scale must be {' or '.join(ENERGY_SCALES)}, got '{energy_scale}'")
-        if energy_base not in ENERGY_BASES:
-            raise ConfigError(f"egc_unet energy_base must be {' or '.join(ENERGY_BASES)}, got '{energy_base}'")
-        if energy not in ENERGIES:
-            raise ConfigError(f"egc_unet energy must be {' or '.join(ENERGIES)}, got '{energy}'")
-        if pool not in POOLS:
-            raise ConfigError(f"egc_unet pool must be {', '.join(POOLS)}, got '{pool}'")
-        if classifier not in CLASSIFIERS:
-            raise ConfigError(f"egc_unet classifier must be {' or '.join(CLASSIFIERS)}, got '{classifier}'")
-        if classifier == "head" and energy != "map":
-            raise ConfigError("egc_unet classifier=head reads class logits from its head, not the map: use energy=map")
-        if pool == "mean_log_softmax" and energy != "map":
-            raise ConfigError("egc_unet pool=mean_log_softmax splits the map's level from its classes: use energy=map")
         channel_mult = [int(m) for m in channel_mult]
-        if not channel_mult or min(channel_mult) < 1 or width < 4 or num_res_blocks < 1:
-            raise ConfigError("egc_unet needs width >= 4, num_res_blocks >= 1 and channel multipliers >= 1")
-        multiple = max(patch, 1) * 2 ** (len(channel_mult) - 1)
-        if patch < 1 or image_size % multiple:
-            fit = max(multiple, round(image_size / multiple) * multiple)
-            raise ConfigError(
-                f"egc_unet needs an image size divisible by patch {patch} × 2^{len(channel_mult) - 1} (levels) = "
-                f"{multiple}, got {image_size}; resize the images with data.image_size={fit}, or set model.patch / "
-                f"model.channel_mult to fit"
-            )
+        _check_options(image_size, width, channel_mult, num_res_blocks, energy, pool, patch, output, classifier)
+        _check_energy_options(energy_scale, energy_base)
         self.num_classes = num_classes
         self.energy_form = energy
         self.output = output
