@@ -35,9 +35,9 @@ from benchmarks.common import write_result
 from jemlab.accel import AUTOCAST_DTYPES, probe
 from jemlab.config import build_config, parse_overrides
 from jemlab.data.registry import load_dataset
-from jemlab.generate.egc import schedule_from_config
 from jemlab.models import build_model
 from jemlab.objectives import EGCWeights, egc_loss
+from jemlab.training.egc import EGCTraining
 
 
 def _gradient(model: torch.nn.Module) -> torch.Tensor:
@@ -61,9 +61,8 @@ def main() -> None:
     x, y = splits.train.batch(slice(0, config.train.batch_size))
     model = build_model(config.model.name, tuple(x.shape[1:]), splits.num_classes, options=config.model.options)
     model.train()
-    schedule = schedule_from_config(config)
-    e = config.egc
-    base = EGCWeights(e.gamma, e.gamma_clean, e.label_smoothing, e.label_dropout, e.min_snr, e.ce_trunk_grad)
+    training = EGCTraining(config, model)  # the Trainer's schedule and loss weights for this config
+    schedule, base = training.schedule, training.weights
 
     native = probe("cpu")["bf16_native"]
     nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -71,6 +70,8 @@ def main() -> None:
     variants, skipped = {}, {}
     for spec in args.variants.split(","):
         precision, share, *layout = spec.split(":")
+        if precision not in ("fp32", "bf16") or layout not in ([], ["cl"]) or not share.replace(".", "", 1).isdigit():
+            raise SystemExit(f"bad variant '{spec}': write precision:trunk_grad[:cl] with fp32 or bf16, e.g. bf16:0.1")
         if precision == "bf16" and not native.ok:
             skipped[spec] = f"bf16 is not native here ({native.reason})"
             continue

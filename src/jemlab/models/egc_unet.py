@@ -180,14 +180,6 @@ class ClassifierHead(nn.Module):
         return self.out(self.body(h).mean(dim=(2, 3)))
 
 
-def _check_energy_options(energy_scale: str, energy_base: str) -> None:
-    """One-line errors for the energy's scale and base options (ConfigError)."""
-    if energy_scale not in ENERGY_SCALES:
-        raise ConfigError(f"egc_unet energy_scale must be {' or '.join(ENERGY_SCALES)}, got '{energy_scale}'")
-    if energy_base not in ENERGY_BASES:
-        raise ConfigError(f"egc_unet energy_base must be {' or '.join(ENERGY_BASES)}, got '{energy_base}'")
-
-
 def _check_options(
     image_size: int,
     width: int,
@@ -198,10 +190,16 @@ def _check_options(
     patch: int,
     output: str,
     classifier: str,
+    energy_scale: str,
+    energy_base: str,
 ) -> None:
     """One-line errors (ConfigError) for option values `EGCUNet` cannot build, each naming the fix."""
     if output not in OUTPUTS:
         raise ConfigError(f"egc_unet output must be {' or '.join(OUTPUTS)}, got '{output}'")
+    if energy_scale not in ENERGY_SCALES:
+        raise ConfigError(f"egc_unet energy_scale must be {' or '.join(ENERGY_SCALES)}, got '{energy_scale}'")
+    if energy_base not in ENERGY_BASES:
+        raise ConfigError(f"egc_unet energy_base must be {' or '.join(ENERGY_BASES)}, got '{energy_base}'")
     if energy not in ENERGIES:
         raise ConfigError(f"egc_unet energy must be {' or '.join(ENERGIES)}, got '{energy}'")
     if pool not in POOLS:
@@ -287,8 +285,10 @@ class EGCUNet(nn.Module):
         energy_scale = energy_scale or "none"  # `--set model.energy_scale=none` arrives as None
         energy_base = energy_base or "none"
         channel_mult = [int(m) for m in channel_mult]
-        _check_options(image_size, width, channel_mult, num_res_blocks, energy, pool, patch, output, classifier)
-        _check_energy_options(energy_scale, energy_base)
+        _check_options(
+            image_size, width, channel_mult, num_res_blocks, energy, pool, patch, output, classifier, energy_scale,
+            energy_base,
+        )  # fmt: skip
         self.num_classes = num_classes
         self.energy_form = energy
         self.output = output
