@@ -194,18 +194,14 @@ def _check_options(
     energy_base: str,
 ) -> None:
     """One-line errors (ConfigError) for option values `EGCUNet` cannot build, each naming the fix."""
-    if output not in OUTPUTS:
-        raise ConfigError(f"egc_unet output must be {' or '.join(OUTPUTS)}, got '{output}'")
-    if energy_scale not in ENERGY_SCALES:
-        raise ConfigError(f"egc_unet energy_scale must be {' or '.join(ENERGY_SCALES)}, got '{energy_scale}'")
-    if energy_base not in ENERGY_BASES:
-        raise ConfigError(f"egc_unet energy_base must be {' or '.join(ENERGY_BASES)}, got '{energy_base}'")
-    if energy not in ENERGIES:
-        raise ConfigError(f"egc_unet energy must be {' or '.join(ENERGIES)}, got '{energy}'")
-    if pool not in POOLS:
-        raise ConfigError(f"egc_unet pool must be {', '.join(POOLS)}, got '{pool}'")
-    if classifier not in CLASSIFIERS:
-        raise ConfigError(f"egc_unet classifier must be {' or '.join(CLASSIFIERS)}, got '{classifier}'")
+    for name, value, choices in (
+        ("output", output, OUTPUTS), ("energy_scale", energy_scale, ENERGY_SCALES),
+        ("energy_base", energy_base, ENERGY_BASES), ("energy", energy, ENERGIES), ("pool", pool, POOLS),
+        ("classifier", classifier, CLASSIFIERS),
+    ):  # fmt: skip
+        if value not in choices:
+            listed = ", ".join(choices) if len(choices) > 2 else " or ".join(choices)
+            raise ConfigError(f"egc_unet {name} must be {listed}, got '{value}'")
     if classifier == "head" and energy != "map":
         raise ConfigError("egc_unet classifier=head reads class logits from its head, not the map: use energy=map")
     if pool == "mean_log_softmax" and energy != "map":
